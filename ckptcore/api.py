@@ -1,0 +1,283 @@
+"""ckptcore's high-level operations: what the CLI and the Prefect tasks call.
+
+Each function takes URLs or paths, raises :class:`~ckptcore.errors.CkptError` for bad input, and
+leaves nothing at the destination unless it succeeds.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from ckptcore.dtypes import dtype_info, parse_precision
+from ckptcore.engine import execute, materialize
+from ckptcore.errors import CkptError
+from ckptcore.formats import nemo as nemo_fmt
+from ckptcore.output import atomic_output
+from ckptcore.plan import Plan, build_plan
+from ckptcore.sources import Checkpoint, open_checkpoint
+
+Progress = Callable[[str, int], None]
+
+
+@dataclass
+class ConvertReport:
+    source: str
+    destination: str
+    source_kind: str
+    source_tp: int
+    source_pp: int
+    target_tp: int
+    target_pp: int
+    precision: str
+    step: int | None
+    epoch: int | None
+    checkpoint_name: str | None
+    tensor_bytes: int
+    output_bytes: int
+    seconds: float
+    plan_digest: str
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def plan_conversion(
+    ck: Checkpoint,
+    target_tp: int | None = None,
+    target_pp: int | None = None,
+    precision: str | int | None = "keep",
+    layers_per_stage: list[int] | None = None,
+) -> Plan:
+    return build_plan(ck, target_tp, target_pp, layers_per_stage, parse_precision(precision))
+
+
+def write_rank_files(
+    ck: Checkpoint,
+    plan: Plan,
+    out_dir: str,
+    workers: int = 1,
+    allow_nonfinite: bool = False,
+    progress: Progress | None = None,
+) -> dict[str, str]:
+    """Every target rank file plus ``model_config.yaml`` under ``out_dir``; {member: path}."""
+    paths = execute(
+        plan, ck, out_dir, workers=workers, allow_nonfinite=allow_nonfinite, on_tensor=progress
+    )
+    files = {os.path.relpath(p, out_dir).replace(os.sep, "/"): p for p in paths}
+    cfg_path = os.path.join(out_dir, nemo_fmt.CONFIG_NAME)
+    with open(cfg_path, "wb") as f:
+        f.write(nemo_fmt.dump_config(plan.config))
+    files[nemo_fmt.CONFIG_NAME] = cfg_path
+    return files
+
+
+def package_nemo(
+    files: dict[str, str], dest: str, sources: list[str] = (), overwrite: bool = False
+) -> int:
+    """Tar ``files`` ({member: local path}) into ``dest`` atomically; returns its size."""
+    with atomic_output(dest, list(sources), overwrite) as tmp:
+        with open(tmp, "wb") as out:
+            size = nemo_fmt.write_nemo(out, files)
+            out.flush()
+            os.fsync(out.fileno())
+    return size
+
+
+def convert(
+    source: str,
+    dest: str,
+    checkpoint: str = "last",
+    target_tp: int | None = None,
+    target_pp: int | None = None,
+    precision: str | int | None = "keep",
+    layers_per_stage: list[int] | None = None,
+    overwrite: bool = False,
+    workers: int = 1,
+    allow_nonfinite: bool = False,
+    progress: Progress | None = None,
+    extra_members: dict[str, bytes] | None = None,
+) -> ConvertReport:
+    """Any supported checkpoint -> a ``.nemo`` at ``dest``, repartitioned to the target TP/PP."""
+    start = time.perf_counter()
+    from ckptcore.output import check_destination
+
+    check_destination(dest, [source], overwrite)
+    with open_checkpoint(source, checkpoint) as ck:
+        plan = plan_conversion(ck, target_tp, target_pp, precision, layers_per_stage)
+        with tempfile.TemporaryDirectory(prefix="ckpt-stage-") as stage:
+            files = write_rank_files(ck, plan, stage, workers, allow_nonfinite, progress)
+            for name, data in (extra_members or {}).items():
+                path = os.path.join(stage, name)
+                with open(path, "wb") as f:
+                    f.write(data)
+                files[name] = path
+            tensor_bytes = sum(f.write_bytes for f in plan.files)
+            size = package_nemo(files, dest, [source], overwrite)
+        return ConvertReport(
+            source=source,
+            destination=dest,
+            source_kind=ck.kind,
+            source_tp=ck.tp,
+            source_pp=ck.pp,
+            target_tp=plan.target.tp,
+            target_pp=plan.target.pp,
+            precision=str(plan.config.get("precision")),
+            step=ck.step,
+            epoch=ck.epoch,
+            checkpoint_name=ck.name,
+            tensor_bytes=tensor_bytes,
+            output_bytes=size,
+            seconds=time.perf_counter() - start,
+            plan_digest=plan.digest(),
+            notes=list(ck.notes),
+        )
+
+
+def load_state_dict(source: str | Checkpoint, checkpoint: str = "last") -> tuple[dict, dict]:
+    """(config, merged TP=1/PP=1 state dict) of any supported checkpoint."""
+    ck = source if isinstance(source, Checkpoint) else open_checkpoint(source, checkpoint)
+    try:
+        plan = build_plan(ck, 1, 1)
+        return plan.config, materialize(ck, plan.files[0])
+    finally:
+        if not isinstance(source, Checkpoint):
+            ck.close()
+
+
+def restore_model(
+    path: str, map_location: str | torch.device | None = None, checkpoint: str = "last"
+):
+    from ckptcore.model.vit import VitClassificationModel
+
+    config, sd = load_state_dict(path, checkpoint)
+    dtypes = {v.dtype for v in sd.values() if isinstance(v, torch.Tensor)}
+    model = VitClassificationModel(
+        config, dtype=dtypes.pop() if len(dtypes) == 1 else None, path=path
+    )
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise CkptError(
+            path,
+            f"weights do not fit the config: missing {missing[:3]}, unexpected {unexpected[:3]}",
+        )
+    if map_location is not None:
+        model.to(map_location)
+    return model
+
+
+def save_model(model, save_path: str, tp: int = 1, pp: int = 1, overwrite: bool = True) -> str:
+    config = dict(model.cfg)
+    config["tensor_model_parallel_size"] = 1
+    config["pipeline_model_parallel_size"] = 1
+    sd = model.state_dict()
+    cpu = type(sd)(
+        (k, v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in sd.items()
+    )
+    if hasattr(sd, "_metadata"):
+        cpu._metadata = sd._metadata  # type: ignore[attr-defined]
+    ck = Checkpoint.from_state_dicts(config, {(0, 0): cpu})
+    plan = build_plan(ck, tp, pp)
+    with tempfile.TemporaryDirectory(prefix="ckpt-save-") as stage:
+        files = write_rank_files(ck, plan, stage, allow_nonfinite=True)
+        package_nemo(files, save_path, overwrite=overwrite)
+    return save_path
+
+
+def inspect(path: str, checkpoint: str = "last") -> dict[str, Any]:
+    """What a checkpoint is: format, layout, TP/PP, parameters, dtypes, sizes, step, config."""
+    with open_checkpoint(path, checkpoint) as ck:
+        plan = build_plan(ck)
+        params = 0
+        dtypes: dict[str, int] = {}
+        full = build_plan(ck, 1, 1).files[0]
+        for tt in full.tensors:
+            if tt.spec is None:
+                continue
+            n = 1
+            for s in tt.shape or ():
+                n *= s
+            params += n
+            dtypes[tt.dtype] = dtypes.get(tt.dtype, 0) + n
+        cfg = ck.config
+        summary_keys = (
+            "target", "hidden_size", "num_layers", "num_attention_heads", "ffn_hidden_size", "patch_dim",
+            "img_h", "img_w", "num_channels", "num_classes", "class_token_length", "finetune", "precision",
+            "megatron_amp_O2", "megatron_legacy",
+        )  # fmt: skip
+        layout = (
+            "single file"
+            if ck.tp == 1 and ck.pp == 1
+            else ("mp_rank_XX" if ck.pp == 1 else "tp_rank_XX_pp_rank_YYY")
+        )
+        return {
+            "path": path,
+            "format": {
+                "nemo": ".nemo archive",
+                "nemo-dir": "extracted .nemo folder",
+                "ptl": "Lightning training checkpoint",
+            }.get(ck.kind, ck.kind),
+            "family": plan.family,
+            "checkpoint": ck.name,
+            "layout": layout,
+            "tp": ck.tp,
+            "pp": ck.pp,
+            "layers_per_stage": list(plan.target.layers_per_stage),
+            "parameters": params,
+            "dtypes": dtypes,
+            "tensor_bytes": full.write_bytes,
+            "files": [{"path": u, "bytes": s} for u, s in ck.files],
+            "step": ck.step,
+            "epoch": ck.epoch,
+            "config": {k: cfg[k] for k in summary_keys if k in cfg},
+            "notes": ck.notes,
+        }
+
+
+@dataclass
+class VerifyReport:
+    a: str
+    b: str
+    max_abs_diff: float
+    tolerance: float
+    images: int
+    passed: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def sample_images(config: dict, count: int = 4, seed: int = 0) -> torch.Tensor:
+    """Deterministic images for comparisons: ``randn`` from a seeded generator."""
+    g = torch.Generator().manual_seed(seed)
+    c = int(config.get("num_channels", 3))
+    return torch.randn(count, c, int(config["img_h"]), int(config["img_w"]), generator=g)
+
+
+def verify(
+    a: str, b: str, tolerance: float = 1e-5, images: int = 4, device: str | None = None
+) -> VerifyReport:
+    """Run both checkpoints on the same deterministic images; compare logits."""
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    ma = restore_model(a).to(dev)
+    mb = restore_model(b).to(dev)
+    if ma.dims != mb.dims:
+        raise CkptError(b, f"model shape differs from {a}: {mb.dims} vs {ma.dims}")
+    x = sample_images(ma.cfg, images).to(dev)
+    with torch.no_grad():
+        la = ma(x).float()
+        lb = mb(x).float()
+    diff = float((la - lb).abs().max())
+    ok = diff <= tolerance and bool(torch.isfinite(la).all()) and bool(torch.isfinite(lb).all())
+    return VerifyReport(a, b, diff, tolerance, images, ok)
+
+
+def describe_dtype(dtype: torch.dtype) -> str:
+    return dtype_info(dtype).name

@@ -1,0 +1,270 @@
+"""The ``.nemo`` archive: an uncompressed tar of ``model_config.yaml`` plus per-rank weights.
+
+Reading indexes the tar's members without extracting them: a plain tar's member data are byte
+ranges of the file, so each rank's ``model_weights.ckpt`` is read in place (mmap locally, ranged
+reads remotely). Gzip tars (NeMo <= 1.6) are unpacked into a temporary folder first, with limits.
+Members that could escape a folder (absolute paths, ``..``, links, devices) are refused.
+
+Writing lays the archive out exactly as NeMo's ``save_to`` does: first member ``./``, names
+prefixed ``./``, sorted, directories before their files, uncompressed.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import posixpath
+import shutil
+import tarfile
+import tempfile
+import time
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import yaml
+
+from ckptcore.errors import CkptError
+from ckptcore.storage import ByteSource, SubRange
+
+CONFIG_NAME = "model_config.yaml"
+MAX_CONFIG_BYTES = 16 << 20
+MAX_GZIP_RATIO = 50  # a gzip .nemo may not expand more than this...
+MAX_GZIP_FLOOR = 1 << 30  # ...beyond this many bytes
+
+
+class _SourceReader(io.RawIOBase):
+    """A seekable file object over a ByteSource, for tarfile's header walk."""
+
+    def __init__(self, src: ByteSource) -> None:
+        self.src = src
+        self.pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self.pos, 2: self.src.size}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def readinto(self, buf) -> int:  # type: ignore[override]
+        n = max(0, min(len(buf), self.src.size - self.pos))
+        if n:
+            buf[:n] = self.src.read(self.pos, n)
+        self.pos += n
+        return n
+
+
+@dataclass(frozen=True)
+class Member:
+    name: str  # normalised: no leading ./
+    offset: int
+    size: int
+
+
+def normalise_member(name: str, archive: str) -> str:
+    """A member name relative to the archive root; refuses names that would leave it."""
+    if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
+        raise CkptError(archive, f"unsafe member {name!r}: absolute path")
+    parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
+    if any(p == ".." for p in parts):
+        raise CkptError(archive, f"unsafe member {name!r}: path escapes the archive")
+    return "/".join(parts)
+
+
+def _check_member(info: tarfile.TarInfo, archive: str) -> str:
+    rel = normalise_member(info.name, archive)
+    if info.issym() or info.islnk():
+        raise CkptError(archive, f"unsafe member {info.name!r}: links are not allowed")
+    if not (info.isfile() or info.isdir()):
+        raise CkptError(archive, f"unsafe member {info.name!r}: device or special file")
+    return rel
+
+
+def index_tar(src: ByteSource) -> dict[str, Member]:
+    """Members of an uncompressed tar (regular files only), checked for safety."""
+    members: dict[str, Member] = {}
+    try:
+        with tarfile.open(fileobj=_SourceReader(src), mode="r:") as tar:
+            for info in tar:
+                rel = _check_member(info, src.name)
+                if info.isdir():
+                    continue
+                if rel in members:
+                    raise CkptError(src.name, f"archive has two members named {rel}")
+                if info.offset_data + info.size > src.size:
+                    raise CkptError(src.name, f"truncated archive: member {rel} runs past the end")
+                members[rel] = Member(rel, info.offset_data, info.size)
+    except tarfile.TarError as exc:
+        raise CkptError(src.name, f"not a valid .nemo (tar) archive: {exc}") from None
+    return members
+
+
+def is_gzip(src: ByteSource) -> bool:
+    return src.size >= 2 and bytes(src.read(0, 2)) == b"\x1f\x8b"
+
+
+def extract_gzip_tar(src: ByteSource, dest: str) -> None:
+    """Unpack a gzip ``.nemo`` (NeMo <= 1.6) into ``dest`` safely, bounding its expansion."""
+    limit = max(MAX_GZIP_FLOOR, src.size * MAX_GZIP_RATIO)
+    total = 0
+    seen: set[str] = set()
+    try:
+        with tarfile.open(fileobj=_SourceReader(src), mode="r:gz") as tar:
+            for info in tar:
+                rel = _check_member(info, src.name)
+                target = os.path.join(dest, rel)
+                if info.isdir():
+                    os.makedirs(target, exist_ok=True)
+                    continue
+                if rel in seen:
+                    raise CkptError(src.name, f"archive has two members named {rel}")
+                seen.add(rel)
+                total += info.size
+                if total > limit:
+                    raise CkptError(
+                        src.name, f"gzip archive expands beyond {limit} bytes (a gzip bomb?)"
+                    )
+                os.makedirs(os.path.dirname(target) or dest, exist_ok=True)
+                fobj = tar.extractfile(info)
+                if fobj is None:
+                    raise CkptError(src.name, f"cannot read member {rel}")
+                with fobj, open(target, "wb") as out:
+                    shutil.copyfileobj(fobj, out, 8 << 20)
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+        if (
+            isinstance(exc, OSError)
+            and not isinstance(exc, tarfile.TarError | EOFError)
+            and exc.errno
+        ):
+            raise
+        raise CkptError(src.name, f"not a valid gzip .nemo archive: {exc}") from None
+
+
+def parse_config(data: bytes, path: str) -> dict:
+    """``model_config.yaml`` as a plain dict (a top-level ``model:`` wrapper is unwrapped)."""
+    if len(data) > MAX_CONFIG_BYTES:
+        raise CkptError(path, "model_config.yaml is too large")
+    try:
+        cfg = yaml.safe_load(bytes(data).decode("utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CkptError(path, f"model_config.yaml is not valid YAML: {first}") from None
+    if isinstance(cfg, dict) and isinstance(cfg.get("model"), dict) and "hidden_size" not in cfg:
+        cfg = cfg["model"]
+    if not isinstance(cfg, dict):
+        raise CkptError(path, "model_config.yaml does not hold a mapping")
+    return cfg
+
+
+def dump_config(config: dict) -> bytes:
+    """YAML as NeMo writes it (OmegaConf's style: block lists, ``1.0e-05`` floats)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.create(config)).encode("utf-8")
+
+
+def member_source(src: ByteSource, member: Member, archive: str) -> ByteSource:
+    return SubRange(src, member.offset, member.size, f"{archive}:{member.name}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def _tar_info(name: str, size: int, is_dir: bool, mtime: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = 0 if is_dir else size
+    info.type = tarfile.DIRTYPE if is_dir else tarfile.REGTYPE
+    info.mode = (0o700 if name == "." else 0o755) if is_dir else 0o644
+    info.mtime = mtime
+    info.uname = info.gname = ""
+    return info
+
+
+def nemo_members(files: dict[str, str]) -> list[tuple[str, str | None]]:
+    """Archive members in NeMo's order: ``.``, then a sorted walk, each folder before its files.
+
+    ``files`` maps relative names (``mp_rank_00/model_weights.ckpt``) to local paths.
+    """
+    tree: dict[str, list[str]] = {"": []}
+    for rel in files:
+        parts = rel.split("/")
+        for i in range(1, len(parts)):
+            parent, child = "/".join(parts[: i - 1]), "/".join(parts[:i])
+            if child not in tree:
+                tree[child] = []
+                tree[parent].append(child)
+        tree["/".join(parts[:-1])].append(rel)
+    out: list[tuple[str, str | None]] = [(".", None)]
+
+    def walk(folder: str) -> None:
+        for child in sorted(tree[folder], key=posixpath.basename):
+            if child in tree:
+                out.append((f"./{child}", None))
+                walk(child)
+            else:
+                out.append((f"./{child}", files[child]))
+
+    walk("")
+    return out
+
+
+def write_nemo(fileobj, files: dict[str, str], mtime: int | None = None) -> int:
+    """Write the archive to an open binary file; payloads are copied with sendfile where possible."""
+    mtime = int(time.time()) if mtime is None else mtime
+    written = 0
+    for name, path in nemo_members(files):
+        size = 0 if path is None else os.path.getsize(path)
+        header = _tar_info(name, size, path is None, mtime).tobuf(
+            tarfile.PAX_FORMAT, "utf-8", "surrogateescape"
+        )
+        fileobj.write(header)
+        written += len(header)
+        if path is not None:
+            written += _copy_payload(path, fileobj, size)
+            pad = (-size) % tarfile.BLOCKSIZE
+            if pad:
+                fileobj.write(b"\0" * pad)
+                written += pad
+    end = b"\0" * (2 * tarfile.BLOCKSIZE)
+    written += len(end)
+    tail = (-written) % tarfile.RECORDSIZE
+    fileobj.write(end + b"\0" * tail)
+    return written + tail
+
+
+def _copy_payload(path: str, out, size: int) -> int:
+    with open(path, "rb") as src:
+        fileno = None
+        try:
+            fileno = out.fileno()
+        except (AttributeError, io.UnsupportedOperation, OSError):
+            pass
+        if fileno is not None and hasattr(os, "sendfile"):
+            out.flush()
+            offset = 0
+            while offset < size:
+                sent = os.sendfile(fileno, src.fileno(), offset, min(size - offset, 1 << 30))
+                if sent == 0:
+                    raise CkptError(path, "file shrank while being packed")
+                offset += sent
+            out.seek(0, os.SEEK_END)
+            return size
+        shutil.copyfileobj(src, out, 8 << 20)
+        return size
+
+
+def stage_dir(prefix: str = "ckpt-") -> tempfile.TemporaryDirectory:
+    return tempfile.TemporaryDirectory(prefix=prefix)
+
+
+def rank_weight_members(members: Iterable[str]) -> list[str]:
+    return sorted(m for m in members if posixpath.basename(m) == "model_weights.ckpt")

@@ -1,0 +1,277 @@
+"""A restricted unpickler for torch checkpoints: nothing a file contains is ever executed.
+
+torch's ``weights_only=True`` loader resolves globals against an allow-list and rebuilds tensors.
+This module does the same with a smaller, explicit allow-list, and goes one step further: tensors
+are never materialised. Every tensor in the pickle becomes a :class:`TensorRef` (where its bytes
+live inside the zip archive), so a multi-gigabyte optimizer state costs nothing to "load".
+
+The allow-list covers what NeMo / PyTorch Lightning checkpoints contain: containers, torch's
+tensor-rebuild functions and storage classes, OmegaConf containers and their node/metadata classes
+(``hyper_parameters['cfg']`` is a ``DictConfig``), ``argparse.Namespace``. Any other global is
+refused with a :class:`~ckptcore.errors.CkptError` naming it. :data:`TORCH_SAFE_GLOBALS` is the
+same allow-list in the form ``torch.serialization.safe_globals`` takes, for callers that want
+torch's own ``weights_only=True`` loader.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import io
+import pickle
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ckptcore.dtypes import BY_STORAGE, dtype_info
+from ckptcore.errors import CkptError
+
+
+@dataclass(frozen=True)
+class StorageRef:
+    """A storage record of a torch zip archive: ``data/<key>`` holding ``numel`` items of ``dtype``."""
+
+    key: str
+    dtype: torch.dtype
+    numel: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * dtype_info(self.dtype).itemsize
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """A tensor that has not been read: a strided view into a :class:`StorageRef`."""
+
+    storage: StorageRef
+    offset: int  # in elements
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.storage.dtype
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * dtype_info(self.dtype).itemsize
+
+    def is_contiguous(self) -> bool:
+        expected = 1
+        for size, stride in zip(reversed(self.shape), reversed(self.stride), strict=True):
+            if size != 1 and stride != expected:
+                return False
+            expected *= size
+        return True
+
+    def span(self) -> tuple[int, int]:
+        """First and one-past-last element index of the storage this view touches."""
+        if self.numel == 0:
+            return self.offset, self.offset
+        last = self.offset + sum(
+            (s - 1) * st for s, st in zip(self.shape, self.stride, strict=True)
+        )
+        return self.offset, last + 1
+
+
+class _StorageType:
+    """Stands in for ``torch.FloatStorage`` & co. inside persistent ids."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+
+
+def _int_tuple(value: Any, what: str) -> tuple[int, ...]:
+    if not isinstance(value, tuple | list) or not all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
+        raise pickle.UnpicklingError(f"malformed tensor {what}: {value!r}")
+    return tuple(value)
+
+
+def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, *rest: Any) -> TensorRef:
+    if not isinstance(storage, StorageRef):
+        raise pickle.UnpicklingError("tensor without a storage record")
+    if not isinstance(offset, int) or offset < 0:
+        raise pickle.UnpicklingError(f"malformed tensor offset: {offset!r}")
+    shape = _int_tuple(size, "shape")
+    strides = _int_tuple(stride, "stride")
+    if len(shape) != len(strides) or any(s < 0 for s in shape + strides):
+        raise pickle.UnpicklingError(f"malformed tensor shape/stride: {shape} {strides}")
+    ref = TensorRef(storage, offset, shape, strides)
+    lo, hi = ref.span()
+    if hi > storage.numel:
+        raise pickle.UnpicklingError(
+            f"tensor view {shape} at offset {offset} overruns its storage of {storage.numel} items"
+        )
+    return ref
+
+
+def _rebuild_tensor_v3(storage, offset, size, stride, requires_grad, hooks, dtype, *rest):
+    if isinstance(storage, StorageRef) and isinstance(dtype, torch.dtype):
+        itemsize = dtype_info(dtype).itemsize
+        storage = StorageRef(storage.key, dtype, storage.numel // itemsize)
+    return _rebuild_tensor(storage, offset, size, stride)
+
+
+def _rebuild_parameter(data: Any, *rest: Any) -> Any:
+    return data
+
+
+def _encode(text: str, encoding: str = "latin1") -> bytes:
+    """``_codecs.encode``: how protocol-2 pickles spell ``bytes``."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError("unexpected use of _codecs.encode")
+    return text.encode("latin1")
+
+
+def _omegaconf_globals() -> dict[tuple[str, str], Any]:
+    try:
+        import omegaconf
+        from omegaconf import base, dictconfig, listconfig, nodes
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        return {}
+    found: dict[tuple[str, str], Any] = {
+        ("omegaconf.dictconfig", "DictConfig"): dictconfig.DictConfig,
+        ("omegaconf.listconfig", "ListConfig"): listconfig.ListConfig,
+        ("omegaconf.base", "ContainerMetadata"): base.ContainerMetadata,
+        ("omegaconf.base", "Metadata"): base.Metadata,
+    }
+    for name in (
+        "AnyNode",
+        "StringNode",
+        "IntegerNode",
+        "FloatNode",
+        "BooleanNode",
+        "EnumNode",
+        "BytesNode",
+        "PathNode",
+        "ValueNode",
+        "InterpolationResultNode",
+    ):
+        if hasattr(nodes, name):
+            found[("omegaconf.nodes", name)] = getattr(nodes, name)
+    if hasattr(omegaconf, "SCMode"):
+        found[("omegaconf.base", "SCMode")] = omegaconf.SCMode
+    return found
+
+
+_BUILTINS = {
+    "dict": dict,
+    "list": list,
+    "tuple": tuple,
+    "set": set,
+    "frozenset": frozenset,
+    "int": int,
+    "long": int,
+    "float": float,
+    "str": str,
+    "unicode": str,
+    "bool": bool,
+    "bytes": bytes,
+    "bytearray": bytearray,
+    "complex": complex,
+    "slice": slice,
+    "object": object,
+    "NoneType": type(None),
+}
+
+_ALLOWED: dict[tuple[str, str], Any] = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("collections", "defaultdict"): collections.defaultdict,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    ("torch", "Size"): tuple,
+    ("_codecs", "encode"): _encode,
+    ("typing", "Any"): typing.Any,
+    ("argparse", "Namespace"): argparse.Namespace,
+    **{("torch", cls): _StorageType(info.torch_dtype) for cls, info in BY_STORAGE.items()},
+    ("torch", "UntypedStorage"): _StorageType(torch.uint8),
+    **{("torch", info.name): info.torch_dtype for info in BY_STORAGE.values()},
+    **{(mod, name): obj for mod in ("builtins", "__builtin__") for name, obj in _BUILTINS.items()},
+    **_omegaconf_globals(),
+}
+
+
+def _torch_safe_globals() -> list[Any]:
+    out: list[Any] = [
+        collections.OrderedDict,
+        collections.defaultdict,
+        argparse.Namespace,
+        typing.Any,
+    ]
+    for (mod, _), obj in _ALLOWED.items():
+        if mod.startswith("omegaconf") and obj not in out:
+            out.append(obj)
+    return out
+
+
+TORCH_SAFE_GLOBALS: list[Any] = _torch_safe_globals()
+"""The same allow-list for ``torch.serialization.safe_globals`` + ``torch.load(weights_only=True)``."""
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return _ALLOWED[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"refused to load global {module}.{name}") from None
+
+    def persistent_load(self, pid: Any) -> Any:
+        if (
+            not isinstance(pid, tuple)
+            or len(pid) != 5
+            or pid[0] != "storage"
+            or not isinstance(pid[1], _StorageType)
+            or not isinstance(pid[2], str)
+            or not isinstance(pid[4], int)
+            or pid[4] < 0
+        ):
+            raise pickle.UnpicklingError(f"unsupported persistent id {pid!r:.80}")
+        return StorageRef(key=pid[2], dtype=pid[1].dtype, numel=pid[4])
+
+
+def load_pickle(data: bytes, path: str) -> Any:
+    """Unpickle a checkpoint's ``data.pkl`` with the allow-list; tensors become :class:`TensorRef`."""
+    try:
+        return _RestrictedUnpickler(io.BytesIO(data), encoding="utf-8").load()
+    except CkptError:
+        raise
+    except pickle.UnpicklingError as exc:
+        raise CkptError(path, f"unsafe or malformed pickle: {exc}") from None
+    except (EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+        raise CkptError(path, f"malformed pickle: {type(exc).__name__}: {exc}") from None
+    except (MemoryError, RecursionError) as exc:
+        raise CkptError(path, f"malformed pickle: {type(exc).__name__}") from None
+
+
+def to_plain(value: Any) -> Any:
+    """OmegaConf containers and Namespaces -> plain dicts/lists (interpolations resolved if possible)."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+    except ImportError:  # pragma: no cover
+        DictConfig = ListConfig = ()  # type: ignore[assignment]
+    if DictConfig and isinstance(value, DictConfig | ListConfig):
+        try:
+            return OmegaConf.to_container(value, resolve=True)
+        except Exception:  # unresolvable interpolation: keep it as written
+            return OmegaConf.to_container(value, resolve=False)
+    if isinstance(value, argparse.Namespace):
+        return {k: to_plain(v) for k, v in vars(value).items()}
+    if isinstance(value, dict):
+        return {k: to_plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_plain(v) for v in value]
+    return value

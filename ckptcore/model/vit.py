@@ -1,0 +1,724 @@
+"""A pure-torch re-implementation of NeMo's ``MegatronVitClassificationModel`` (eval only).
+
+``VitClassificationModel(config)`` is built from the mapping stored in a ``.nemo``'s
+``model_config.yaml``. Its ``state_dict()`` has exactly the keys, order and shapes NeMo saves at
+TP=1 (``_extra_state: None`` entries included), so NeMo weights load with ``strict=True``, and its
+``forward(images)`` reproduces NeMo's logits.
+
+State-dict layout (``p = "model.backbone."``, ``t = p + "transformer.layers.{i}."``, H hidden,
+n heads, hn head dim, proj = n*hn, F ffn, P patch, C channels, T class tokens, N patches, K classes)::
+
+    p cls_token                                 [1, T, H]
+    p position_embeddings                       [N+T, H]         (learned_parameters only: a bare
+                                                                 Parameter, saved before submodules)
+    p conv1.weight                              [H, C, P, P]     (NeMo >= 2.0, no bias)
+      or p linear_encoder.{weight,bias}         [H, P*P*C], [H]  (NeMo 1.23, patches as (p1 p2 c))
+    p position_embeddings.weight                [N+T, H]         (learned_absolute: nn.Embedding)
+    p preprocess_layernorm.{weight,bias}        [H]              (only if preprocess_layernorm)
+    t input_layernorm.{weight,bias}             [H]
+    t self_attention.query_key_value.weight     [3*proj, H]      rows [n, 3, hn] (legacy: [3, n, hn])
+    t self_attention.query_key_value.bias       [3*proj]
+    t self_attention.query_key_value._extra_state  None
+    t self_attention.dense.{weight,bias}        [H, proj], [H]   input columns ordered [n, hn]
+    t self_attention.dense._extra_state         None
+    t post_attention_layernorm.{weight,bias}    [H]
+    t mlp.dense_h_to_4h.{weight,bias}           [F, H], [F]
+    t mlp.dense_h_to_4h._extra_state            None
+    t mlp.dense_4h_to_h.{weight,bias}           [H, F], [H]
+    t mlp.dense_4h_to_h._extra_state            None
+    t post_attention_layerscale.gamma           [H]              (only if layerscale)
+    t post_mlp_layerscale.gamma                 [H]              (only if layerscale)
+    p transformer.final_layernorm.{weight,bias} [H]
+    model.head.dense_in.{weight,bias}           [H, H], [H]      (finetune False: dense_out(tanh(dense_in)))
+    model.head.dense_out.{weight,bias}          [K, H], [K]
+      or model.head.{weight,bias}               [K, H], [K]      (finetune True: one Linear)
+
+The numerics follow NeMo's legacy Megatron transformer: pre-LN blocks, attention scores
+``q.k / (sqrt(hn) * coeff)`` softmaxed in fp32 after multiplying back by ``coeff`` (the layer
+number when ``apply_query_key_layer_scaling``), biases of row-parallel linears added after the
+matmul, and the head applied to the first class token after ``final_layernorm``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ckptcore.errors import CkptError
+
+PREFIX = "model."
+BACKBONE = "model.backbone."
+HEAD = "model.head."
+
+_POSITION_TYPES = ("learned_absolute", "learned_parameters")
+_PATCH_EMBEDDINGS = ("conv1", "linear_encoder")
+_ACTIVATIONS = ("gelu", "approx-gelu", "squared-relu")
+
+
+# --------------------------------------------------------------------------------------------
+# Config reading
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VitDims:
+    """Every size of the network, derived from a NeMo ViT model config."""
+
+    hidden: int  # hidden_size (H)
+    heads: int  # num_attention_heads (n)
+    head_dim: int  # kv_channels, or H / n when kv_channels is null (hn)
+    projection: int  # heads * head_dim: width of q, k and v each
+    ffn: int  # ffn_hidden_size (F)
+    layers: int  # num_layers
+    patch: int  # patch_dim (P)
+    img_h: int
+    img_w: int
+    channels: int  # num_channels (C)
+    class_tokens: int  # class_token_length (T)
+    grid_h: int  # img_h / P
+    grid_w: int  # img_w / P
+    num_patches: int  # grid_h * grid_w (N)
+    seq_len: int  # N + T
+    num_classes: int  # K
+
+
+@dataclass(frozen=True)
+class VitOptions:
+    """The config switches that change keys or numerics (NeMo's defaults when absent)."""
+
+    finetune: bool  # True: head is one Linear; False: dense_in -> tanh -> dense_out
+    position_embedding_type: str  # learned_absolute | learned_parameters
+    patch_embedding: str  # conv1 (NeMo >= 2.0) | linear_encoder (NeMo 1.23)
+    preprocess_layernorm: bool
+    layerscale: bool
+    megatron_legacy: bool  # q/k/v rows [3, n, hn] instead of [n, 3, hn]
+    activation: str  # resolved MLP activation: see ACTIVATION_FUNCS
+    layernorm_epsilon: float
+    query_key_layer_scaling: bool
+
+
+def _fail(path: str | None, problem: str, key: str | None = None) -> CkptError:
+    return CkptError(path, problem, key)
+
+
+def _raw(config: Mapping[str, Any], key: str, default: Any) -> Any:
+    value = config.get(key, default)
+    return default if value is None else value
+
+
+def _int(config: Mapping[str, Any], key: str, path: str | None, default: Any = ...) -> int:
+    if default is ... and config.get(key) is None:
+        raise _fail(path, "model config lacks this required key", key)
+    value = _raw(config, key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise _fail(path, f"expected an integer, got {value!r}", key)
+    try:
+        number = float(value)
+    except ValueError:
+        raise _fail(path, f"expected an integer, got {value!r}", key) from None
+    if not number.is_integer():
+        raise _fail(path, f"expected an integer, got {value!r}", key)
+    return int(number)
+
+
+def _positive(config: Mapping[str, Any], key: str, path: str | None, default: Any = ...) -> int:
+    value = _int(config, key, path, default)
+    if value < 1:
+        raise _fail(path, f"must be a positive integer, got {value}", key)
+    return value
+
+
+def _bool(config: Mapping[str, Any], key: str, path: str | None, default: bool) -> bool:
+    value = _raw(config, key, default)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise _fail(path, f"expected true or false, got {value!r}", key)
+
+
+def _choice(
+    config: Mapping[str, Any], key: str, path: str | None, default: str, choices: tuple[str, ...]
+) -> str:
+    value = _raw(config, key, default)
+    if value not in choices:
+        raise _fail(path, f"unsupported value {value!r} (supported: {', '.join(choices)})", key)
+    return value
+
+
+def vit_dims(config: Mapping[str, Any], *, path: str | None = None) -> VitDims:
+    """Read and check the sizes of a NeMo ViT config; ``path`` only labels errors.
+
+    Raises ``CkptError`` for a missing size, a non-positive one, a hidden size not divisible by the
+    head count (without ``kv_channels``) or an image size not divisible by the patch size.
+    """
+    hidden = _positive(config, "hidden_size", path)
+    heads = _positive(config, "num_attention_heads", path)
+    if config.get("kv_channels") is None:
+        if hidden % heads:
+            raise _fail(
+                path,
+                f"hidden_size {hidden} is not divisible by num_attention_heads {heads}",
+                "hidden_size",
+            )
+        head_dim = hidden // heads
+    else:
+        head_dim = _positive(config, "kv_channels", path)
+    patch = _positive(config, "patch_dim", path)
+    img_h = _positive(config, "img_h", path)
+    img_w = _positive(config, "img_w", path)
+    for key, size in (("img_h", img_h), ("img_w", img_w)):
+        if size % patch:
+            raise _fail(path, f"{key} {size} is not divisible by patch_dim {patch}", key)
+    class_tokens = _positive(config, "class_token_length", path, 8)
+    grid_h, grid_w = img_h // patch, img_w // patch
+    return VitDims(
+        hidden=hidden,
+        heads=heads,
+        head_dim=head_dim,
+        projection=heads * head_dim,
+        ffn=_positive(config, "ffn_hidden_size", path),
+        layers=_positive(config, "num_layers", path),
+        patch=patch,
+        img_h=img_h,
+        img_w=img_w,
+        channels=_positive(config, "num_channels", path, 3),
+        class_tokens=class_tokens,
+        grid_h=grid_h,
+        grid_w=grid_w,
+        num_patches=grid_h * grid_w,
+        seq_len=grid_h * grid_w + class_tokens,
+        num_classes=_positive(config, "num_classes", path),
+    )
+
+
+def _resolve_activation(config: Mapping[str, Any], path: str | None) -> str:
+    """NeMo's choice of MLP activation function.
+
+    ``openai_gelu`` takes precedence over everything (tanh GELU, ``openai``); with
+    ``bias_activation_fusion`` a ``gelu`` MLP runs NeMo's fused bias-GELU (tanh GELU, ``fused``);
+    otherwise ``gelu`` is the exact erf GELU, ``approx-gelu`` is x*sigmoid(1.702x).
+    """
+    activation = _choice(config, "activation", path, "gelu", _ACTIVATIONS)
+    if _bool(config, "openai_gelu", path, False):
+        return "gelu_tanh_openai"
+    if _bool(config, "bias_activation_fusion", path, False):
+        if activation != "gelu":
+            raise _fail(
+                path,
+                f"bias_activation_fusion with activation {activation!r} is not supported",
+                "bias_activation_fusion",
+            )
+        return "gelu_tanh_fused"
+    return {"gelu": "gelu", "approx-gelu": "quick_gelu", "squared-relu": "squared_relu"}[activation]
+
+
+def vit_options(config: Mapping[str, Any], *, path: str | None = None) -> VitOptions:
+    """Read and check the switches of a NeMo ViT config (NeMo's code defaults when absent)."""
+    normalization = _raw(config, "normalization", "layernorm")
+    if normalization != "layernorm":
+        raise _fail(path, f"unsupported normalization {normalization!r}", "normalization")
+    epsilon = _raw(config, "layernorm_epsilon", 1e-5)
+    try:
+        epsilon = float(epsilon)
+    except (TypeError, ValueError):
+        raise _fail(path, f"expected a number, got {epsilon!r}", "layernorm_epsilon") from None
+    if not epsilon > 0:
+        raise _fail(path, f"must be positive, got {epsilon}", "layernorm_epsilon")
+    return VitOptions(
+        finetune=_bool(config, "finetune", path, False),
+        position_embedding_type=_choice(
+            config, "position_embedding_type", path, "learned_absolute", _POSITION_TYPES
+        ),
+        patch_embedding=_choice(config, "patch_embedding", path, "conv1", _PATCH_EMBEDDINGS),
+        preprocess_layernorm=_bool(config, "preprocess_layernorm", path, False),
+        layerscale=_bool(config, "layerscale", path, False),
+        megatron_legacy=_bool(config, "megatron_legacy", path, False),
+        activation=_resolve_activation(config, path),
+        layernorm_epsilon=epsilon,
+        query_key_layer_scaling=_bool(config, "apply_query_key_layer_scaling", path, True),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Expected shapes
+# --------------------------------------------------------------------------------------------
+
+
+def _check_tp(dims: VitDims, tp: int, path: str | None) -> None:
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        raise _fail(path, f"tensor-parallel size must be a positive integer, got {tp!r}")
+    if dims.heads % tp:
+        raise _fail(
+            path,
+            f"num_attention_heads {dims.heads} is not divisible by tensor-parallel size {tp}",
+            "num_attention_heads",
+        )
+    if dims.ffn % tp:
+        raise _fail(
+            path,
+            f"ffn_hidden_size {dims.ffn} is not divisible by tensor-parallel size {tp}",
+            "ffn_hidden_size",
+        )
+
+
+def _layer_shapes(dims: VitDims, opts: VitOptions, tp: int) -> dict[str, tuple[int, ...] | None]:
+    h, proj, ffn = dims.hidden, dims.projection // tp, dims.ffn // tp
+    shapes: dict[str, tuple[int, ...] | None] = {
+        "input_layernorm.weight": (h,),
+        "input_layernorm.bias": (h,),
+        "self_attention.query_key_value.weight": (3 * proj, h),
+        "self_attention.query_key_value.bias": (3 * proj,),
+        "self_attention.query_key_value._extra_state": None,
+        "self_attention.dense.weight": (h, proj),
+        "self_attention.dense.bias": (h,),
+        "self_attention.dense._extra_state": None,
+        "post_attention_layernorm.weight": (h,),
+        "post_attention_layernorm.bias": (h,),
+        "mlp.dense_h_to_4h.weight": (ffn, h),
+        "mlp.dense_h_to_4h.bias": (ffn,),
+        "mlp.dense_h_to_4h._extra_state": None,
+        "mlp.dense_4h_to_h.weight": (h, ffn),
+        "mlp.dense_4h_to_h.bias": (h,),
+        "mlp.dense_4h_to_h._extra_state": None,
+    }
+    if opts.layerscale:
+        shapes["post_attention_layerscale.gamma"] = (h,)
+        shapes["post_mlp_layerscale.gamma"] = (h,)
+    return shapes
+
+
+def expected_shapes(
+    config: Mapping[str, Any], tp: int = 1, *, path: str | None = None
+) -> dict[str, tuple[int, ...] | None]:
+    """Every state-dict key of one TP rank's ``model_weights.ckpt``, in saved order, with its shape.
+
+    ``_extra_state`` entries map to None. Layers are numbered 0..num_layers-1 (PP=1). At ``tp`` > 1,
+    ``query_key_value`` and ``dense_h_to_4h`` (weight and bias) have dim 0 divided by ``tp``,
+    ``self_attention.dense.weight`` and ``dense_4h_to_h.weight`` dim 1; everything else is whole.
+    Raises ``CkptError`` for an inconsistent config or a ``tp`` that does not divide heads/ffn.
+    """
+    dims = vit_dims(config, path=path)
+    opts = vit_options(config, path=path)
+    _check_tp(dims, tp, path)
+    h, p, c = dims.hidden, dims.patch, dims.channels
+    shapes: dict[str, tuple[int, ...] | None] = {BACKBONE + "cls_token": (1, dims.class_tokens, h)}
+    # A bare Parameter of the backbone is saved with cls_token, before every submodule.
+    if opts.position_embedding_type == "learned_parameters":
+        shapes[BACKBONE + "position_embeddings"] = (dims.seq_len, h)
+    if opts.patch_embedding == "conv1":
+        shapes[BACKBONE + "conv1.weight"] = (h, c, p, p)
+    else:
+        shapes[BACKBONE + "linear_encoder.weight"] = (h, p * p * c)
+        shapes[BACKBONE + "linear_encoder.bias"] = (h,)
+    if opts.position_embedding_type == "learned_absolute":
+        shapes[BACKBONE + "position_embeddings.weight"] = (dims.seq_len, h)
+    if opts.preprocess_layernorm:
+        shapes[BACKBONE + "preprocess_layernorm.weight"] = (h,)
+        shapes[BACKBONE + "preprocess_layernorm.bias"] = (h,)
+    layer = _layer_shapes(dims, opts, tp)
+    for i in range(dims.layers):
+        prefix = f"{BACKBONE}transformer.layers.{i}."
+        shapes.update({prefix + name: shape for name, shape in layer.items()})
+    shapes[BACKBONE + "transformer.final_layernorm.weight"] = (h,)
+    shapes[BACKBONE + "transformer.final_layernorm.bias"] = (h,)
+    if opts.finetune:
+        shapes[HEAD + "weight"] = (dims.num_classes, h)
+        shapes[HEAD + "bias"] = (dims.num_classes,)
+    else:
+        shapes[HEAD + "dense_in.weight"] = (h, h)
+        shapes[HEAD + "dense_in.bias"] = (h,)
+        shapes[HEAD + "dense_out.weight"] = (dims.num_classes, h)
+        shapes[HEAD + "dense_out.bias"] = (dims.num_classes,)
+    return shapes
+
+
+# --------------------------------------------------------------------------------------------
+# Functional pieces shared with the tensor-parallel forward
+# --------------------------------------------------------------------------------------------
+
+
+def _openai_gelu(x: Tensor) -> Tensor:
+    # NeMo utils.openai_gelu
+    return 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * x * (1.0 + 0.044715 * x * x)))
+
+
+def _fused_bias_gelu(x: Tensor) -> Tensor:
+    # NeMo fused_bias_gelu.bias_gelu (applied to y + bias)
+    return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
+
+
+def _quick_gelu(x: Tensor) -> Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+def _squared_relu(x: Tensor) -> Tensor:
+    return torch.pow(F.relu(x), 2)
+
+
+ACTIVATION_FUNCS: dict[str, Callable[[Tensor], Tensor]] = {
+    "gelu": F.gelu,
+    "gelu_tanh_openai": _openai_gelu,
+    "gelu_tanh_fused": _fused_bias_gelu,
+    "quick_gelu": _quick_gelu,
+    "squared_relu": _squared_relu,
+}
+
+
+def patches_conv1(images: Tensor, weight: Tensor) -> Tensor:
+    """NeMo >= 2.0 patch embedding: Conv2d(C, H, P, stride P, no bias) -> [B, N, H], row-major grid."""
+    p = weight.shape[-1]
+    out = F.conv2d(images, weight, stride=p)  # [B, H, gh, gw]
+    return out.reshape(out.shape[0], out.shape[1], -1).permute(0, 2, 1)
+
+
+def patches_linear(images: Tensor, weight: Tensor, bias: Tensor, patch: int) -> Tensor:
+    """NeMo 1.23 patch embedding: ``b c (h p1) (w p2) -> b (h w) (p1 p2 c)``, then Linear -> [B, N, H]."""
+    b, c, height, width = images.shape
+    gh, gw = height // patch, width // patch
+    x = images.reshape(b, c, gh, patch, gw, patch).permute(0, 2, 4, 3, 5, 1)
+    return F.linear(x.reshape(b, gh * gw, patch * patch * c), weight, bias)
+
+
+def split_qkv(
+    mixed: Tensor, heads: int, head_dim: int, legacy: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Split a ``query_key_value`` output ``[B, S, 3*heads*head_dim]`` into q, k, v ``[B, heads, S, hn]``.
+
+    Non-legacy rows (and so output features) are ordered ``[heads, 3, hn]``: per head its q, k, v.
+    ``legacy`` (``megatron_legacy: True``) reads them as ``[3, heads, hn]``: all q, all k, all v.
+    ``heads`` is the number of heads this tensor holds (per TP rank: n / TP).
+    """
+    b, s, width = mixed.shape
+    if width != 3 * heads * head_dim:
+        raise CkptError(
+            None, f"query_key_value output width {width} != 3 * {heads} heads * {head_dim}"
+        )
+    if legacy:
+        q, k, v = mixed.view(b, s, 3, heads, head_dim).unbind(dim=2)
+    else:
+        q, k, v = mixed.view(b, s, heads, 3, head_dim).unbind(dim=3)
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
+def core_attention(q: Tensor, k: Tensor, v: Tensor, coeff: float = 1.0) -> Tensor:
+    """Softmax attention over q, k, v ``[B, heads, S, hn]`` -> context ``[B, S, heads*hn]``.
+
+    As NeMo's CoreAttention: scores = q.k^T / (sqrt(hn) * coeff) in the working dtype, softmax in
+    fp32 of ``scores * coeff``, cast back, then probs @ v. Context columns are ordered
+    ``[heads, hn]``, the input layout of ``self_attention.dense``.
+    """
+    b, n, s, hn = q.shape
+    q3, k3, v3 = (t.reshape(b * n, s, hn) for t in (q, k, v))
+    norm_factor = math.sqrt(hn) * coeff
+    scores = torch.baddbmm(
+        torch.empty(b * n, s, s, dtype=q.dtype, device=q.device),
+        q3,
+        k3.transpose(1, 2),
+        beta=0.0,
+        alpha=1.0 / norm_factor,
+    )
+    scores = scores.float()
+    if coeff != 1.0:
+        scores = scores * coeff
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    context = torch.bmm(probs, v3).view(b, n, s, hn)
+    return context.permute(0, 2, 1, 3).reshape(b, s, n * hn)
+
+
+def attention_partial(
+    x: Tensor,
+    qkv_weight: Tensor,
+    qkv_bias: Tensor,
+    dense_weight: Tensor,
+    head_dim: int,
+    legacy: bool,
+    coeff: float,
+) -> Tensor:
+    """Self-attention for the heads held in ``qkv_weight`` (all heads, or one TP rank's), without
+    the ``dense`` bias: the row-parallel partial sum ``context_r @ dense_weight_r^T``.
+    """
+    heads = qkv_weight.shape[0] // (3 * head_dim)
+    q, k, v = split_qkv(F.linear(x, qkv_weight, qkv_bias), heads, head_dim, legacy)
+    return F.linear(core_attention(q, k, v, coeff), dense_weight)
+
+
+def mlp_partial(
+    x: Tensor, w_in: Tensor, b_in: Tensor, w_out: Tensor, activation: Callable[[Tensor], Tensor]
+) -> Tensor:
+    """MLP over the ffn slice held in ``w_in`` (all, or one TP rank's), without the output bias."""
+    return F.linear(activation(F.linear(x, w_in) + b_in), w_out)
+
+
+def check_images(images: Tensor, dims: VitDims) -> None:
+    """Raise ``CkptError`` unless ``images`` is ``[B, C, img_h, img_w]`` for this config."""
+    expected = (dims.channels, dims.img_h, dims.img_w)
+    if images.dim() != 4 or tuple(images.shape[1:]) != expected:
+        raise CkptError(
+            None, f"images must be [B, {', '.join(map(str, expected))}], got {list(images.shape)}"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Modules
+# --------------------------------------------------------------------------------------------
+
+
+class MegatronLinear(nn.Linear):
+    """``nn.Linear`` that saves ``<prefix>_extra_state: None`` like megatron-core's Column/Row
+    ParallelLinear, and, like them, loads state dicts with or without that entry (any value is
+    accepted and ignored)."""
+
+    def get_extra_state(self) -> None:
+        return None
+
+    def set_extra_state(self, state: Any) -> None:
+        del state  # megatron-core ignores it too (TE checkpoints may carry bytes here)
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        state_dict.setdefault(prefix + "_extra_state", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class LayerScale(nn.Module):
+    """``x * gamma`` (NeMo vision_transformer.LayerScale, key ``gamma``)."""
+
+    def __init__(self, dim: int, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), 1e-5, dtype=dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gamma
+
+
+class SelfAttention(nn.Module):
+    """``query_key_value`` [3*proj, H] (rows per head q,k,v) and ``dense`` [H, proj]."""
+
+    def __init__(
+        self, dims: VitDims, opts: VitOptions, layer_number: int, dtype: torch.dtype | None
+    ):
+        super().__init__()
+        self.query_key_value = MegatronLinear(dims.hidden, 3 * dims.projection, dtype=dtype)
+        self.dense = MegatronLinear(dims.projection, dims.hidden, dtype=dtype)
+        self.head_dim = dims.head_dim
+        self.legacy = opts.megatron_legacy
+        self.coeff = float(layer_number) if opts.query_key_layer_scaling else 1.0
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Attention output without the ``dense`` bias (NeMo's skip_bias_add)."""
+        return attention_partial(
+            x,
+            self.query_key_value.weight,
+            self.query_key_value.bias,
+            self.dense.weight,
+            self.head_dim,
+            self.legacy,
+            self.coeff,
+        )
+
+
+class Mlp(nn.Module):
+    """``dense_h_to_4h`` [F, H] -> activation -> ``dense_4h_to_h`` [H, F]."""
+
+    def __init__(self, dims: VitDims, opts: VitOptions, dtype: torch.dtype | None):
+        super().__init__()
+        self.dense_h_to_4h = MegatronLinear(dims.hidden, dims.ffn, dtype=dtype)
+        self.dense_4h_to_h = MegatronLinear(dims.ffn, dims.hidden, dtype=dtype)
+        self.activation = ACTIVATION_FUNCS[opts.activation]
+
+    def forward(self, x: Tensor) -> Tensor:
+        """MLP output without the ``dense_4h_to_h`` bias (NeMo's skip_bias_add)."""
+        return mlp_partial(
+            x,
+            self.dense_h_to_4h.weight,
+            self.dense_h_to_4h.bias,
+            self.dense_4h_to_h.weight,
+            self.activation,
+        )
+
+
+class TransformerLayer(nn.Module):
+    """Pre-LN block: ``x + ls(attn(LN(x)) + b)``, then ``x + ls(mlp(LN(x)) + b)``."""
+
+    def __init__(
+        self, dims: VitDims, opts: VitOptions, layer_number: int, dtype: torch.dtype | None
+    ):
+        super().__init__()
+        eps = opts.layernorm_epsilon
+        self.input_layernorm = nn.LayerNorm(dims.hidden, eps=eps, dtype=dtype)
+        self.self_attention = SelfAttention(dims, opts, layer_number, dtype)
+        self.post_attention_layernorm = nn.LayerNorm(dims.hidden, eps=eps, dtype=dtype)
+        self.mlp = Mlp(dims, opts, dtype)
+        self.layerscale = opts.layerscale
+        if opts.layerscale:
+            self.post_attention_layerscale = LayerScale(dims.hidden, dtype)
+            self.post_mlp_layerscale = LayerScale(dims.hidden, dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.self_attention(self.input_layernorm(x)) + self.self_attention.dense.bias
+        if self.layerscale:
+            out = self.post_attention_layerscale(out)
+        x = x + out
+        out = self.mlp(self.post_attention_layernorm(x)) + self.mlp.dense_4h_to_h.bias
+        if self.layerscale:
+            out = self.post_mlp_layerscale(out)
+        return x + out
+
+
+class Transformer(nn.Module):
+    """``layers.{i}`` then ``final_layernorm``."""
+
+    def __init__(self, dims: VitDims, opts: VitOptions, dtype: torch.dtype | None):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            TransformerLayer(dims, opts, i + 1, dtype) for i in range(dims.layers)
+        )
+        self.final_layernorm = nn.LayerNorm(dims.hidden, eps=opts.layernorm_epsilon, dtype=dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return self.final_layernorm(x)
+
+
+class VitBackbone(nn.Module):
+    """Patch embedding, class tokens, position embeddings, transformer; returns the first class
+    token after ``final_layernorm``, ``[B, H]``."""
+
+    def __init__(self, dims: VitDims, opts: VitOptions, dtype: torch.dtype | None):
+        super().__init__()
+        self.dims, self.opts = dims, opts
+        h = dims.hidden
+        self.cls_token = nn.Parameter(torch.zeros(1, dims.class_tokens, h, dtype=dtype))
+        if opts.patch_embedding == "conv1":
+            self.conv1 = nn.Conv2d(
+                dims.channels, h, dims.patch, stride=dims.patch, bias=False, dtype=dtype
+            )
+        else:
+            flat = dims.patch * dims.patch * dims.channels
+            self.linear_encoder = nn.Linear(flat, h, dtype=dtype)
+        if opts.position_embedding_type == "learned_absolute":
+            self.position_embeddings = nn.Embedding(dims.seq_len, h, dtype=dtype)
+            nn.init.normal_(self.position_embeddings.weight, std=0.02)
+        else:
+            self.position_embeddings = nn.Parameter(torch.empty(dims.seq_len, h, dtype=dtype))
+            nn.init.normal_(self.position_embeddings, std=0.02)
+        if opts.preprocess_layernorm:
+            self.preprocess_layernorm = nn.LayerNorm(h, eps=opts.layernorm_epsilon, dtype=dtype)
+        self.transformer = Transformer(dims, opts, dtype)
+
+    def position_table(self) -> Tensor:
+        """The ``[seq_len, H]`` position table, whichever way it is stored."""
+        if isinstance(self.position_embeddings, nn.Embedding):
+            return self.position_embeddings.weight
+        return self.position_embeddings
+
+    def embed(self, images: Tensor) -> Tensor:
+        """``[B, C, img_h, img_w]`` -> ``[B, T + N, H]`` (class tokens first)."""
+        if self.opts.patch_embedding == "conv1":
+            tokens = patches_conv1(images, self.conv1.weight)
+        else:
+            enc = self.linear_encoder
+            tokens = patches_linear(images, enc.weight, enc.bias, self.dims.patch)
+        cls = self.cls_token.expand(tokens.shape[0], -1, -1)
+        x = torch.cat((cls, tokens), dim=1) + self.position_table()
+        if self.opts.preprocess_layernorm:
+            x = self.preprocess_layernorm(x)
+        return x
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.transformer(self.embed(images))[:, 0]
+
+
+class VitMlpHead(nn.Module):
+    """NeMo's pretraining head: ``dense_out(tanh(dense_in(x)))``."""
+
+    def __init__(self, hidden: int, num_classes: int, dtype: torch.dtype | None):
+        super().__init__()
+        self.dense_in = nn.Linear(hidden, hidden, dtype=dtype)
+        self.dense_out = nn.Linear(hidden, num_classes, dtype=dtype)
+        nn.init.constant_(self.dense_out.bias, -10.0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dense_out(torch.tanh(self.dense_in(x)))
+
+
+class VitNetwork(nn.Module):
+    """NeMo's inner ``VitClassificationModel``: ``backbone`` and ``head``."""
+
+    def __init__(self, dims: VitDims, opts: VitOptions, dtype: torch.dtype | None):
+        super().__init__()
+        self.backbone = VitBackbone(dims, opts, dtype)
+        if opts.finetune:
+            self.head: nn.Module = nn.Linear(dims.hidden, dims.num_classes, dtype=dtype)
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+        else:
+            self.head = VitMlpHead(dims.hidden, dims.num_classes, dtype)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.head(self.backbone(images))
+
+
+class VitClassificationModel(nn.Module):
+    """NeMo's ``MegatronVitClassificationModel`` at TP=1, PP=1, for inference.
+
+    ``state_dict()`` keys (all under ``model.``), order and shapes equal ``expected_shapes(config)``
+    and NeMo's saved ``model_weights.ckpt``. ``forward`` runs in the parameters' dtype (images are
+    cast to it) with eval semantics: dropout, drop-path and drop-patch are never applied.
+    """
+
+    def __init__(
+        self,
+        config: Mapping[str, Any],
+        *,
+        dtype: torch.dtype | None = None,
+        path: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.dims = vit_dims(config, path=path)
+        self.opts = vit_options(config, path=path)
+        self.cfg: dict[str, Any] = dict(config)
+        self.model = VitNetwork(self.dims, self.opts, dtype)
+        self.eval()
+
+    @classmethod
+    def restore_from(
+        cls,
+        restore_path: str,
+        map_location: str | torch.device | None = None,
+        checkpoint: str = "last",
+    ) -> VitClassificationModel:
+        """Load a ``.nemo`` (any TP/PP, merged on load), an extracted folder or a training folder."""
+        from ckptcore.api import restore_model
+
+        return restore_model(restore_path, map_location=map_location, checkpoint=checkpoint)
+
+    def save_to(
+        self,
+        save_path: str,
+        tensor_parallel_size: int = 1,
+        pipeline_parallel_size: int = 1,
+        overwrite: bool = True,
+    ) -> str:
+        """Write a ``.nemo`` exactly as NeMo lays it out, split to the given TP/PP."""
+        from ckptcore.api import save_model
+
+        return save_model(self, save_path, tensor_parallel_size, pipeline_parallel_size, overwrite)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.backbone.cls_token.dtype
+
+    def forward(self, images: Tensor) -> Tensor:
+        """``images [B, C, img_h, img_w]`` -> ``logits [B, num_classes]``."""
+        check_images(images, self.dims)
+        return self.model(images.to(self.dtype))

@@ -1,0 +1,283 @@
+"""Open any supported checkpoint as ranks of lazily read tensors.
+
+``open_checkpoint(url)`` accepts a ``.nemo`` file (plain or gzip tar), an extracted ``.nemo``
+folder, a PyTorch Lightning training folder (or one ``.ckpt`` in it), local or fsspec URLs.
+Every source becomes a :class:`Checkpoint`: a model config plus, per (tp_rank, pp_rank), an
+ordered state dict whose values are :class:`TensorRef` (not read yet) or ``None``.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ckptcore.errors import CkptError
+from ckptcore.formats import nemo as nemo_fmt
+from ckptcore.formats.ptl import find_checkpoint
+from ckptcore.formats.safe_pickle import TensorRef, to_plain
+from ckptcore.formats.torchzip import TensorSpec, TorchFile, state_dict_of
+from ckptcore.layout import parse_rank_folder
+from ckptcore.storage import ByteSource, LocalFile, get_fs, is_local, local_path, open_source
+
+Value = TensorRef | torch.Tensor | None
+
+
+def spec_of(value: Value) -> TensorSpec | None:
+    if value is None:
+        return None
+    return TensorSpec(value.dtype, tuple(value.shape))
+
+
+@dataclass
+class SourceRank:
+    tp_rank: int
+    pp_rank: int
+    name: str
+    state: collections.OrderedDict  # key -> Value
+    metadata: dict | None
+    reader: Callable[[TensorRef], torch.Tensor] | None = None
+
+    def tensor(self, key: str) -> torch.Tensor:
+        value = self.state[key]
+        if isinstance(value, torch.Tensor):
+            return value
+        if value is None or self.reader is None:
+            raise CkptError(self.name, "has no tensor data", key)
+        return self.reader(value)
+
+
+@dataclass
+class Checkpoint:
+    url: str
+    kind: str  # nemo | nemo-dir | ptl | memory | hf | timm
+    config: dict
+    tp: int
+    pp: int
+    ranks: dict[tuple[int, int], SourceRank]
+    step: int | None = None
+    epoch: int | None = None
+    files: list[tuple[str, int]] = field(default_factory=list)  # (url, size) of every source file
+    notes: list[str] = field(default_factory=list)
+    name: str | None = None
+    _cleanup: list[Callable[[], None]] = field(default_factory=list, repr=False)
+
+    def close(self) -> None:
+        for fn in self._cleanup:
+            fn()
+        self._cleanup.clear()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @classmethod
+    def from_state_dicts(
+        cls, config: dict, shards: dict[tuple[int, int], dict[str, Any]], url: str = "<memory>"
+    ) -> Checkpoint:
+        tp = max(t for t, _ in shards) + 1
+        pp = max(p for _, p in shards) + 1
+        ranks = {
+            r: SourceRank(
+                r[0],
+                r[1],
+                f"{url}[tp={r[0]},pp={r[1]}]",
+                collections.OrderedDict(sd),
+                getattr(sd, "_metadata", None),
+            )
+            for r, sd in shards.items()
+        }
+        return cls(url, "memory", dict(config), tp, pp, ranks)
+
+
+def _torch_rank(src: ByteSource, tp_rank: int, pp_rank: int) -> tuple[SourceRank, Any]:
+    tf = TorchFile(src)
+    sd = state_dict_of(tf.obj, src.name)
+    return SourceRank(
+        tp_rank, pp_rank, src.name, sd, getattr(sd, "_metadata", None), tf.tensor
+    ), tf.obj
+
+
+def _config_parallel(config: dict) -> tuple[int, int]:
+    def as_int(v: Any) -> int:
+        try:
+            return int(v) if v not in (None, "") else 1
+        except (TypeError, ValueError):
+            return -1
+
+    return as_int(config.get("tensor_model_parallel_size")), as_int(
+        config.get("pipeline_model_parallel_size")
+    )
+
+
+def _check_layout(path: str, config: dict, tp: int, pp: int, what: str) -> None:
+    ctp, cpp = _config_parallel(config)
+    if (ctp, cpp) != (tp, pp):
+        raise CkptError(
+            path,
+            f"config says TP={ctp} PP={cpp} but the {what} hold TP={tp} PP={pp}",
+        )
+
+
+def open_checkpoint(url: str, checkpoint: str = "last") -> Checkpoint:
+    """Open a ``.nemo`` (file or folder) or a Lightning training folder/file for lazy reading."""
+    fs, path = get_fs(url)
+    try:
+        is_dir = fs.isdir(path)
+        exists = is_dir or fs.exists(path)
+    except (OSError, ValueError) as exc:
+        raise CkptError(url, f"cannot access: {exc}") from None
+    if not exists:
+        raise CkptError(url, "not found")
+    if is_dir:
+        if fs.exists(path.rstrip("/") + "/" + nemo_fmt.CONFIG_NAME):
+            return _open_nemo_dir(url)
+        return _open_ptl(url, checkpoint)
+    if url.endswith(".ckpt"):
+        parent, name = url.rstrip("/").rsplit("/", 1) if "/" in url else (".", url)
+        if parse_rank_folder(parent.rstrip("/").rsplit("/", 1)[-1]) is not None:
+            parent = parent.rstrip("/").rsplit("/", 1)[0] if "/" in parent else "."
+        return _open_ptl(parent, name)
+    return _open_nemo_file(url)
+
+
+def _open_ptl(folder: str, checkpoint: str) -> Checkpoint:
+    found = find_checkpoint(folder, checkpoint)
+    ranks: dict[tuple[int, int], SourceRank] = {}
+    steps: dict[str, Any] = {}
+    config: dict | None = None
+    epoch = None
+    for rank, url in sorted(found.files.items()):
+        src = open_source(url)
+        sr, obj = _torch_rank(src, *rank)
+        if not isinstance(obj, dict) or "state_dict" not in obj:
+            raise CkptError(url, "not a Lightning checkpoint (no state_dict)")
+        hp = obj.get("hyper_parameters")
+        cfg = to_plain(hp.get("cfg") if isinstance(hp, dict) else None)
+        if not isinstance(cfg, dict):
+            raise CkptError(url, "no hyper_parameters['cfg'] model config in the checkpoint")
+        if config is None:
+            config = cfg
+        steps[url] = obj.get("global_step")
+        epoch = obj.get("epoch", epoch)
+        ranks[rank] = sr
+    assert config is not None
+    if len(set(map(str, steps.values()))) > 1:
+        detail = ", ".join(f"step {s} in {u}" for u, s in steps.items())
+        raise CkptError(folder, f"ranks come from different checkpoints: {detail}")
+    _check_layout(folder, config, found.tp, found.pp, "rank files")
+    step = next(iter(steps.values()))
+    return Checkpoint(
+        url=folder,
+        kind="ptl",
+        config=config,
+        tp=found.tp,
+        pp=found.pp,
+        ranks=ranks,
+        step=step if isinstance(step, int) else None,
+        epoch=epoch if isinstance(epoch, int) else None,
+        files=[(u, found.sizes[u]) for u in found.files.values()],
+        notes=found.notes,
+        name=found.name,
+    )
+
+
+def _rank_of_member(rel: str, archive: str) -> tuple[int, int] | None:
+    parts = rel.split("/")
+    if parts[-1] != "model_weights.ckpt":
+        return None
+    if len(parts) == 1:
+        return (0, -1)
+    if len(parts) == 2:
+        rank = parse_rank_folder(parts[0])
+        if rank is None:
+            raise CkptError(archive, f"unexpected weights file {rel}")
+        return (rank[0], 0 if rank[1] is None else rank[1])
+    return None
+
+
+def _assemble_nemo(
+    url: str, config: dict, rank_sources: dict[tuple[int, int], ByteSource], kind: str
+) -> Checkpoint:
+    if not rank_sources:
+        raise CkptError(url, "no model_weights.ckpt in the archive")
+    if (0, -1) in rank_sources:
+        if len(rank_sources) > 1:
+            raise CkptError(url, "archive holds both model_weights.ckpt and rank folders")
+        rank_sources = {(0, 0): rank_sources.pop((0, -1))}
+    tp = max(t for t, _ in rank_sources) + 1
+    pp = max(p for _, p in rank_sources) + 1
+    missing = [r for r in ((t, p) for p in range(pp) for t in range(tp)) if r not in rank_sources]
+    if missing:
+        raise CkptError(url, f"missing rank folder(s) for (tp, pp) {missing} of TP={tp} PP={pp}")
+    _check_layout(url, config, tp, pp, "rank folders")
+    ranks = {}
+    for rank, src in sorted(rank_sources.items()):
+        ranks[rank] = _torch_rank(src, *rank)[0]
+    return Checkpoint(url=url, kind=kind, config=config, tp=tp, pp=pp, ranks=ranks)
+
+
+def _open_nemo_file(url: str) -> Checkpoint:
+    src = open_source(url)
+    if nemo_fmt.is_gzip(src):
+        tmp = tempfile.TemporaryDirectory(prefix="ckpt-nemo-")
+        try:
+            nemo_fmt.extract_gzip_tar(src, tmp.name)
+            ck = _open_nemo_dir(tmp.name, display=url)
+        except BaseException:
+            tmp.cleanup()
+            raise
+        ck.kind = "nemo"
+        ck.url = url
+        ck.files = [(url, src.size)]
+        ck._cleanup.append(tmp.cleanup)
+        return ck
+    members = nemo_fmt.index_tar(src)
+    if nemo_fmt.CONFIG_NAME not in members:
+        raise CkptError(url, "not a .nemo archive: no model_config.yaml member")
+    cfg_member = members[nemo_fmt.CONFIG_NAME]
+    config = nemo_fmt.parse_config(bytes(src.read(cfg_member.offset, cfg_member.size)), url)
+    rank_sources = {}
+    for rel, member in members.items():
+        rank = _rank_of_member(rel, url)
+        if rank is not None:
+            rank_sources[rank] = nemo_fmt.member_source(src, member, url)
+    ck = _assemble_nemo(url, config, rank_sources, "nemo")
+    ck.files = [(url, src.size)]
+    return ck
+
+
+def _open_nemo_dir(url: str, display: str | None = None) -> Checkpoint:
+    shown = display or url
+    fs, root = get_fs(url)
+    cfg_path = root.rstrip("/") + "/" + nemo_fmt.CONFIG_NAME
+    with fs.open(cfg_path, "rb") as f:
+        config = nemo_fmt.parse_config(f.read(nemo_fmt.MAX_CONFIG_BYTES + 1), shown)
+    rank_sources: dict[tuple[int, int], ByteSource] = {}
+    files = []
+    for entry in fs.find(root, withdirs=False, detail=True).values():
+        rel = entry["name"][len(root.rstrip("/")) + 1 :]
+        if entry.get("type") == "link" or (is_local(url) and os.path.islink(entry["name"])):
+            raise CkptError(shown, f"unsafe entry {rel!r}: links are not allowed")
+        rank = _rank_of_member(rel, shown)
+        if rank is None:
+            continue
+        if is_local(url):
+            src: ByteSource = LocalFile(entry["name"], f"{shown}/{rel}")
+        else:
+            src = open_source(f"{url.rstrip('/')}/{rel}")
+        rank_sources[rank] = src
+        files.append((f"{shown.rstrip('/')}/{rel}", int(entry.get("size") or 0)))
+    ck = _assemble_nemo(shown, config, rank_sources, "nemo-dir")
+    ck.files = files
+    return ck
+
+
+__all__ = ["Checkpoint", "SourceRank", "open_checkpoint", "spec_of", "local_path"]
