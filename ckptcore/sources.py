@@ -25,7 +25,17 @@ from ckptcore.formats.torchzip import TensorSpec, TorchFile, state_dict_of
 from ckptcore.layout import parse_rank_folder
 from ckptcore.storage import ByteSource, LocalFile, get_fs, is_local, local_path, open_source
 
-Value = TensorRef | torch.Tensor | None
+
+@dataclass(frozen=True)
+class LazyTensor:
+    """A tensor computed on demand (e.g. mapped from a community checkpoint): spec now, bytes later."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    load: Callable[[], torch.Tensor] = field(compare=False, repr=False)
+
+
+Value = TensorRef | torch.Tensor | LazyTensor | None
 
 
 def spec_of(value: Value) -> TensorSpec | None:
@@ -47,6 +57,15 @@ class SourceRank:
         value = self.state[key]
         if isinstance(value, torch.Tensor):
             return value
+        if isinstance(value, LazyTensor):
+            t = value.load()
+            if t.dtype != value.dtype or tuple(t.shape) != value.shape:
+                raise CkptError(
+                    self.name,
+                    f"produced {t.dtype} {tuple(t.shape)}, declared {value.dtype} {value.shape}",
+                    key,
+                )
+            return t
         if value is None or self.reader is None:
             raise CkptError(self.name, "has no tensor data", key)
         return self.reader(value)
@@ -280,4 +299,4 @@ def _open_nemo_dir(url: str, display: str | None = None) -> Checkpoint:
     return ck
 
 
-__all__ = ["Checkpoint", "SourceRank", "open_checkpoint", "spec_of", "local_path"]
+__all__ = ["Checkpoint", "LazyTensor", "SourceRank", "open_checkpoint", "spec_of", "local_path"]

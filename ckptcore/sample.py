@@ -1,0 +1,287 @@
+"""Sample checkpoints: realistic NeMo ViT training folders and ``.nemo`` files of any size.
+
+Tests, benchmarks and the demo use these instead of downloading anything. The training folder
+matches what NeMo 2.x training writes (see the real structure in the fixtures): Lightning's
+top-level keys, ``hyper_parameters['cfg']`` as an OmegaConf ``DictConfig``, Adam state per
+parameter, NeMo's rank folders and file names, an optional ``-unfinished`` marker.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from typing import Any
+
+import torch
+
+from ckptcore.layout import rank_folder
+from ckptcore.model.vit import expected_shapes
+from ckptcore.sources import Checkpoint
+
+TARGET = "nemo.collections.vision.models.megatron_vit_classification_models.MegatronVitClassificationModel"
+
+# NeMo's megatron_vit_classification_config.yaml model section, as the real fixture saved it.
+BASE_CONFIG: dict[str, Any] = {
+    "precision": 32,
+    "micro_batch_size": 2,
+    "global_batch_size": 2,
+    "tensor_model_parallel_size": 1,
+    "pipeline_model_parallel_size": 1,
+    "virtual_pipeline_model_parallel_size": None,
+    "restore_from_path": None,
+    "vision_pretraining_type": "classify",
+    "num_classes": 10,
+    "patch_dim": 4,
+    "img_h": 16,
+    "img_w": 16,
+    "classes_fraction": 1.0,
+    "data_per_class_fraction": 1.0,
+    "num_channels": 3,
+    "drop_path_rate": 0.0,
+    "encoder_seq_length": 16,
+    "max_position_embeddings": 16,
+    "num_layers": 2,
+    "hidden_size": 64,
+    "ffn_hidden_size": 256,
+    "num_attention_heads": 4,
+    "init_method_std": 0.02,
+    "use_scaled_init_method": True,
+    "hidden_dropout": 0.0,
+    "attention_dropout": 0.0,
+    "kv_channels": None,
+    "apply_query_key_layer_scaling": True,
+    "normalization": "layernorm",
+    "layernorm_epsilon": 1e-05,
+    "do_layer_norm_weight_decay": False,
+    "pre_process": True,
+    "post_process": True,
+    "persist_layer_norm": False,
+    "native_amp_init_scale": 4294967296,
+    "native_amp_growth_interval": 1000,
+    "hysteresis": 2,
+    "fp32_residual_connection": False,
+    "fp16_lm_cross_entropy": False,
+    "megatron_amp_O2": False,
+    "grad_allreduce_chunk_size_mb": 125,
+    "grad_div_ar_fusion": True,
+    "masked_softmax_fusion": False,
+    "bias_dropout_add_fusion": False,
+    "seed": 1234,
+    "resume_from_checkpoint": None,
+    "use_cpu_initialization": True,
+    "onnx_safe": False,
+    "apex_transformer_log_level": 30,
+    "gradient_as_bucket_view": False,
+    "gradient_accumulation_fusion": False,
+    "openai_gelu": False,
+    "bias_activation_fusion": False,
+    "megatron_legacy": False,
+    "activations_checkpoint_granularity": None,
+    "activations_checkpoint_method": None,
+    "activations_checkpoint_num_layers": None,
+    "sequence_parallel": False,
+    "data": {
+        "data_path": ["/data/train", "/data/val"],
+        "num_workers": 0,
+        "dataloader_type": "cyclic",
+        "validation_drop_last": True,
+        "data_sharding": False,
+    },
+    "optim": {"name": "fused_adam", "lr": 0.0005, "weight_decay": 0.1, "betas": [0.9, 0.999]},
+    "target": TARGET,
+    "nemo_version": "2.3.2",
+}
+
+# Named sizes (hidden, layers, heads, ffn, patch, image).
+SIZES = {
+    "tiny": (64, 2, 4, 256, 4, 16),
+    "small": (192, 4, 4, 768, 8, 32),
+    "base": (768, 12, 12, 3072, 16, 224),
+    "large": (1024, 24, 16, 4096, 16, 224),
+    "huge": (1280, 32, 16, 5120, 14, 224),
+}
+
+
+def vit_config(
+    size: str = "tiny",
+    *,
+    hidden: int | None = None,
+    layers: int | None = None,
+    heads: int | None = None,
+    ffn: int | None = None,
+    patch: int | None = None,
+    img: int | None = None,
+    classes: int = 10,
+    tp: int = 1,
+    pp: int = 1,
+    dtype: torch.dtype = torch.float32,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """A NeMo ViT model config; ``size`` picks defaults, keywords override them."""
+    h, n_layers, n_heads, f, p, image = SIZES[size]
+    cfg = dict(BASE_CONFIG)
+    cfg.update(
+        hidden_size=hidden or h,
+        num_layers=layers or n_layers,
+        num_attention_heads=heads or n_heads,
+        ffn_hidden_size=ffn or f,
+        patch_dim=patch or p,
+        img_h=img or image,
+        img_w=img or image,
+        num_classes=classes,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+    )
+    seq = (cfg["img_h"] // cfg["patch_dim"]) * (cfg["img_w"] // cfg["patch_dim"])
+    cfg["encoder_seq_length"] = cfg["max_position_embeddings"] = seq
+    if dtype != torch.float32:
+        cfg["precision"] = "bf16" if dtype == torch.bfloat16 else 16
+        cfg["megatron_amp_O2"] = True
+    cfg.update(overrides)
+    return cfg
+
+
+def random_state_dict(
+    config: dict[str, Any], seed: int = 0, dtype: torch.dtype = torch.float32
+) -> collections.OrderedDict:
+    """A TP=1 state dict with NeMo's keys and random values (norm weights near 1)."""
+    g = torch.Generator().manual_seed(seed)
+    sd: collections.OrderedDict = collections.OrderedDict()
+    for key, shape in expected_shapes(config, tp=1).items():
+        if shape is None:
+            sd[key] = None
+            continue
+        t = torch.randn(shape, generator=g) * 0.05
+        if "layernorm.weight" in key or key.endswith("gamma"):
+            t += 1.0
+        sd[key] = t.to(dtype)
+    return sd
+
+
+def shard(
+    config: dict[str, Any], sd: dict, tp: int, pp: int
+) -> dict[tuple[int, int], collections.OrderedDict]:
+    """Split a TP=1 state dict into NeMo's per-rank state dicts with the partition rules."""
+    from ckptcore.engine import materialize
+    from ckptcore.plan import build_plan
+
+    cfg = dict(config, tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
+    ck = Checkpoint.from_state_dicts(cfg, {(0, 0): sd})
+    plan = build_plan(ck, tp, pp)
+    return {(fp.tp_rank, fp.pp_rank): materialize(ck, fp) for fp in plan.files}
+
+
+def checkpoint_name(step: int, global_batch_size: int, last: bool) -> str:
+    suffix = "-last" if last else ""
+    return f"megatron_vit_classification--val_loss=0.50-step={step}-consumed_samples={float(step * global_batch_size)}{suffix}.ckpt"
+
+
+def _adam_state(sd: dict, step: int, g: torch.Generator, half: bool) -> dict:
+    tensors = [v for v in sd.values() if isinstance(v, torch.Tensor)]
+    state = {}
+    for i, t in enumerate(tensors):
+        state[i] = {
+            "step": torch.tensor(float(step)),
+            "exp_avg": torch.randn(t.shape, generator=g, dtype=torch.float32) * 1e-3,
+            "exp_avg_sq": torch.rand(t.shape, generator=g, dtype=torch.float32) * 1e-6,
+        }
+    groups = [
+        {
+            "lr": 5e-4,
+            "betas": (0.9, 0.999),
+            "eps": 1e-8,
+            "weight_decay": 0.1,
+            "params": list(range(len(tensors))),
+        }
+    ]
+    opt = {"state": state, "param_groups": groups}
+    if half:
+        return {"optimizer": opt, "fp32_from_fp16_params": [[t.float() for t in tensors]]}
+    return opt
+
+
+def write_training_checkpoint(
+    folder: str,
+    config: dict[str, Any],
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    dtype: torch.dtype = torch.float32,
+    optimizer: bool = True,
+    step: int = 100,
+    epoch: int = 1,
+    last: bool = True,
+    seed: int = 0,
+    state_dict: dict | None = None,
+    unfinished: bool = False,
+) -> tuple[str, collections.OrderedDict]:
+    """Write one checkpoint (all ranks) into a NeMo training ``checkpoints/`` folder.
+
+    Returns the checkpoint file name and the TP=1 state dict it was made from.
+    """
+    from omegaconf import DictConfig, OmegaConf
+
+    cfg = dict(config, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    if dtype != torch.float32:
+        cfg.setdefault("precision", "bf16" if dtype == torch.bfloat16 else 16)
+    full = state_dict if state_dict is not None else random_state_dict(cfg, seed, dtype)
+    shards = shard(cfg, full, tp, pp)
+    name = checkpoint_name(step, int(cfg.get("global_batch_size", 1)), last)
+    g = torch.Generator().manual_seed(seed + 1)
+    os.makedirs(folder, exist_ok=True)
+    for (t, p), sd in shards.items():
+        sub = rank_folder(t, p, tp, pp)
+        target_dir = folder if sub is None else os.path.join(folder, sub)
+        os.makedirs(target_dir, exist_ok=True)
+        ckpt = {
+            "epoch": epoch,
+            "global_step": step,
+            "pytorch-lightning_version": "2.4.0",
+            "state_dict": sd,
+            "loops": {
+                "fit_loop": {
+                    "state_dict": {},
+                    "epoch_loop.state_dict": {"_batches_that_stepped": step},
+                }
+            },
+            "callbacks": {},
+            "optimizer_states": [_adam_state(sd, step, g, dtype != torch.float32)]
+            if optimizer
+            else [],
+            "lr_schedulers": [],
+            "hparams_name": "kwargs",
+            "hyper_parameters": {"cfg": OmegaConf.create(cfg)},
+            "hparams_type": DictConfig,
+        }
+        # Lightning saves through a buffer, so the zip records sit under "archive/".
+        with open(os.path.join(target_dir, name), "wb") as f:
+            torch.save(ckpt, f)
+    if unfinished:
+        open(os.path.join(folder, name[: -len(".ckpt")] + "-unfinished"), "wb").close()
+    return name, full
+
+
+def write_nemo(
+    path: str,
+    config: dict[str, Any],
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    state_dict: dict | None = None,
+) -> collections.OrderedDict:
+    """Write a sample ``.nemo`` at ``path``; returns the TP=1 state dict it holds."""
+    import tempfile
+
+    from ckptcore.api import package_nemo, write_rank_files
+    from ckptcore.plan import build_plan
+
+    cfg = dict(config, tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
+    full = state_dict if state_dict is not None else random_state_dict(cfg, seed, dtype)
+    ck = Checkpoint.from_state_dicts(cfg, {(0, 0): full})
+    plan = build_plan(ck, tp, pp)
+    with tempfile.TemporaryDirectory(prefix="ckpt-sample-") as stage:
+        files = write_rank_files(ck, plan, stage, allow_nonfinite=True)
+        package_nemo(files, path, overwrite=True)
+    return full
