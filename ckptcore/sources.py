@@ -22,7 +22,7 @@ from ckptcore.formats import nemo as nemo_fmt
 from ckptcore.formats.ptl import find_checkpoint
 from ckptcore.formats.safe_pickle import TensorRef, to_plain
 from ckptcore.formats.torchzip import TensorSpec, TorchFile, state_dict_of
-from ckptcore.layout import parse_rank_folder
+from ckptcore.layout import parse_rank_folder, rank_folder
 from ckptcore.storage import ByteSource, LocalFile, get_fs, is_local, local_path, open_source
 
 
@@ -136,8 +136,16 @@ def _config_parallel(config: dict) -> tuple[int, int]:
     )
 
 
-def _check_layout(path: str, config: dict, tp: int, pp: int, what: str) -> None:
+def _check_layout(path: str, config: dict, tp: int, pp: int, what: str, present=None) -> None:
     ctp, cpp = _config_parallel(config)
+    if present is not None and ctp > 0 and cpp > 0:
+        expected = {(t, p) for p in range(cpp) for t in range(ctp)}
+        missing = sorted(expected - set(present), key=lambda r: (r[1], r[0]))
+        if missing and set(present) <= expected:
+            names = ", ".join(
+                rank_folder(t, p, ctp, cpp) or "model_weights.ckpt" for t, p in missing
+            )
+            raise CkptError(path, f"missing rank(s) {names} of TP={ctp} PP={cpp} (per the config)")
     if (ctp, cpp) != (tp, pp):
         raise CkptError(
             path,
@@ -191,7 +199,7 @@ def _open_ptl(folder: str, checkpoint: str) -> Checkpoint:
     if len(set(map(str, steps.values()))) > 1:
         detail = ", ".join(f"step {s} in {u}" for u, s in steps.items())
         raise CkptError(folder, f"ranks come from different checkpoints: {detail}")
-    _check_layout(folder, config, found.tp, found.pp, "rank files")
+    _check_layout(folder, config, found.tp, found.pp, "rank files", found.files)
     step = next(iter(steps.values()))
     return Checkpoint(
         url=folder,
@@ -233,10 +241,11 @@ def _assemble_nemo(
         rank_sources = {(0, 0): rank_sources.pop((0, -1))}
     tp = max(t for t, _ in rank_sources) + 1
     pp = max(p for _, p in rank_sources) + 1
+    _check_layout(url, config, tp, pp, "rank folders", rank_sources)
     missing = [r for r in ((t, p) for p in range(pp) for t in range(tp)) if r not in rank_sources]
     if missing:
-        raise CkptError(url, f"missing rank folder(s) for (tp, pp) {missing} of TP={tp} PP={pp}")
-    _check_layout(url, config, tp, pp, "rank folders")
+        names = ", ".join(rank_folder(t, p, tp, pp) or "" for t, p in missing)
+        raise CkptError(url, f"missing rank folder(s) {names} of TP={tp} PP={pp}")
     ranks = {}
     for rank, src in sorted(rank_sources.items()):
         ranks[rank] = _torch_rank(src, *rank)[0]

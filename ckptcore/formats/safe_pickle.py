@@ -211,6 +211,9 @@ def _torch_safe_globals() -> list[Any]:
         collections.defaultdict,
         argparse.Namespace,
         typing.Any,
+        dict,  # OmegaConf metadata records container and key types
+        list,
+        int,
     ]
     for (mod, _), obj in _ALLOWED.items():
         if mod.startswith("omegaconf") and obj not in out:
@@ -227,7 +230,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
         try:
             return _ALLOWED[(module, name)]
         except KeyError:
-            raise pickle.UnpicklingError(f"refused to load global {module}.{name}") from None
+            shown = "builtins" if module == "__builtin__" else module
+            raise pickle.UnpicklingError(f"refused to load global {shown}.{name}") from None
 
     def persistent_load(self, pid: Any) -> Any:
         if (

@@ -1,0 +1,429 @@
+"""``ckpt``: the command line over ckptcore. Each command parses, makes one ckptcore call, prints.
+
+User errors (:class:`CkptError`) print one line ``ckpt: error: <file>: <problem>`` and exit 2;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from ckptcore.errors import CkptError
+
+EPILOG = """\
+examples:
+  ckpt inspect checkpoints/                       # a Lightning training folder
+  ckpt convert checkpoints/ model.nemo            # training folder -> .nemo (keeps TP/PP)
+  ckpt reshard model.nemo model_tp1.nemo --target-tp 1 --target-pp 1
+  ckpt verify model.nemo model_tp1.nemo           # same logits?
+  ckpt import-hf ./vit-hf model.nemo --target-tp 2
+  ckpt export-hf model.nemo ./vit-hf
+
+Paths may be local paths or fsspec URLs (s3://bucket/prefix, file:///...).
+"""
+
+
+class _Progress:
+    """A tqdm bar over bytes written, on stderr, only when it is a terminal (or forced)."""
+
+    def __init__(self, total: int | None, desc: str, enabled: bool) -> None:
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=total,
+                desc=desc,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                file=sys.stderr,
+                leave=False,
+            )
+
+    def __call__(self, key: str, nbytes: int) -> None:
+        if self.bar is not None:
+            self.bar.update(nbytes)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _progress_enabled(args: argparse.Namespace) -> bool:
+    if args.progress == "always":
+        return True
+    if args.progress == "never":
+        return False
+    return sys.stderr.isatty()
+
+
+def _layers(value: str) -> list[int]:
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated layer counts like 5,5,6, got {value!r}"
+        ) from None
+
+
+def _positive(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return n
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
+        size /= 1024
+    return f"{n} B"
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from ckptcore.api import inspect
+
+    info = inspect(args.path, args.checkpoint)
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    print(f"{info['path']}")
+    print(f"  format      {info['format']} ({info['family']})")
+    if info["checkpoint"]:
+        print(f"  checkpoint  {info['checkpoint']}")
+    print(
+        f"  layout      {info['layout']}  TP={info['tp']} PP={info['pp']}  layers/stage={info['layers_per_stage']}"
+    )
+    print(
+        f"  parameters  {info['parameters']:,}  ({', '.join(f'{k}: {v:,}' for k, v in info['dtypes'].items())})"
+    )
+    print(
+        f"  weights     {_human(info['tensor_bytes'])} in {len(info['files'])} file(s), {_human(sum(f['bytes'] for f in info['files']))} on disk"
+    )
+    if info["step"] is not None:
+        print(f"  step        {info['step']} (epoch {info['epoch']})")
+    for key, value in info["config"].items():
+        print(f"  {key:<22}{value}")
+    for note in info["notes"]:
+        print(f"  note: {note}")
+    return 0
+
+
+def _convert_like(args: argparse.Namespace, target_tp: int | None, target_pp: int | None) -> int:
+    from ckptcore.api import convert
+    from ckptcore.sources import open_checkpoint
+
+    total = None
+    enabled = _progress_enabled(args)
+    if enabled:
+        from ckptcore.api import plan_conversion
+
+        with open_checkpoint(args.source, args.checkpoint) as ck:
+            plan = plan_conversion(ck, target_tp, target_pp, args.precision, args.layers_per_stage)
+            total = sum(f.write_bytes for f in plan.files)
+    bar = _Progress(total, "writing", enabled)
+    try:
+        report = convert(
+            args.source,
+            args.dest,
+            checkpoint=args.checkpoint,
+            target_tp=target_tp,
+            target_pp=target_pp,
+            precision=args.precision,
+            layers_per_stage=args.layers_per_stage,
+            overwrite=args.overwrite,
+            workers=args.workers,
+            allow_nonfinite=args.allow_nonfinite,
+            progress=bar,
+        )
+    finally:
+        bar.close()
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return 0
+    for note in report.notes:
+        print(f"note: {note}", file=sys.stderr)
+    rate = report.tensor_bytes / report.seconds / 1e9 if report.seconds > 0 else 0.0
+    print(
+        f"wrote {report.destination}: TP={report.source_tp} PP={report.source_pp} -> "
+        f"TP={report.target_tp} PP={report.target_pp}, precision {report.precision}, "
+        f"{_human(report.output_bytes)} in {report.seconds:.2f} s ({rate:.2f} GB/s)"
+    )
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    return _convert_like(args, args.target_tp, args.target_pp)
+
+
+def cmd_reshard(args: argparse.Namespace) -> int:
+    return _convert_like(args, args.target_tp, args.target_pp)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from ckptcore.api import verify
+
+    report = verify(args.a, args.b, tolerance=args.tolerance, images=args.images)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        verdict = "OK" if report.passed else "MISMATCH"
+        print(
+            f"{verdict}: max |logit difference| = {report.max_abs_diff:.3g} (tolerance {report.tolerance:g}, {report.images} images)"
+        )
+    return 0 if report.passed else 1
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from ckptcore.api import plan_conversion
+    from ckptcore.sources import open_checkpoint
+
+    with open_checkpoint(args.source, args.checkpoint) as ck:
+        plan = plan_conversion(
+            ck, args.target_tp, args.target_pp, args.precision, args.layers_per_stage
+        )
+        out = plan.to_json()
+    if args.json:
+        print(json.dumps(out, indent=2, default=str))
+        return 0
+    print(
+        f"{args.source}: TP={plan.source_tp} PP={plan.source_pp} -> TP={plan.target.tp} PP={plan.target.pp} ({plan.family})"
+    )
+    for fp in plan.files:
+        print(f"  {fp.path:<45} {len(fp.tensors):>5} entries  writes {_human(fp.write_bytes)}")
+    return 0
+
+
+def cmd_import_hf(args: argparse.Namespace) -> int:
+    from ckptcore.community.api import import_hf
+
+    report = import_hf(
+        args.source,
+        args.dest,
+        target_tp=args.target_tp,
+        target_pp=args.target_pp,
+        layout=args.layout,
+        source_kind=args.source_kind,
+        precision=args.precision,
+        overwrite=args.overwrite,
+    )
+    print(
+        json.dumps(report.to_dict(), indent=2)
+        if args.json
+        else f"wrote {report.destination}: TP={report.target_tp} PP={report.target_pp}"
+    )
+    return 0
+
+
+def cmd_export_hf(args: argparse.Namespace) -> int:
+    from ckptcore.community.api import export_hf
+
+    info = export_hf(args.source, args.dest, overwrite=args.overwrite)
+    print(json.dumps(info, indent=2, default=str) if args.json else f"wrote {args.dest}")
+    return 0
+
+
+def _add_target(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument(
+        "--target-tp",
+        type=_positive,
+        default=None,
+        required=required,
+        help="target tensor-parallel size (default: keep)",
+    )
+    p.add_argument(
+        "--target-pp",
+        type=_positive,
+        default=None,
+        required=required,
+        help="target pipeline-parallel size (default: keep)",
+    )
+    p.add_argument(
+        "--layers-per-stage",
+        type=_layers,
+        default=None,
+        metavar="N,N,...",
+        help="uneven pipeline split, e.g. 5,5,6 (default: even)",
+    )
+    p.add_argument(
+        "--precision",
+        default="keep",
+        help="keep (default) | 32 | bf16 | 16: cast floating tensors and set the config's precision",
+    )
+
+
+def _add_write(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+    p.add_argument(
+        "--workers",
+        type=_positive,
+        default=1,
+        help="target rank files written in parallel (default 1)",
+    )
+    p.add_argument(
+        "--allow-nonfinite", action="store_true", help="accept NaN/Inf weights (default: refuse)"
+    )
+    p.add_argument(
+        "--progress",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="progress bar on stderr (auto: when a terminal)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ckpt",
+        description="Load, convert, import and repartition NeMo Megatron checkpoints on one CPU process.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(
+        name: str, func: Callable[[argparse.Namespace], int], help_: str, example: str
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(
+            name,
+            help=help_,
+            description=help_,
+            epilog=f"example:\n  {example}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        p.set_defaults(func=func)
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        return p
+
+    p = add(
+        "inspect",
+        cmd_inspect,
+        "Describe a checkpoint: format, layout, TP/PP, parameters, dtypes, step, config.",
+        "ckpt inspect model.nemo --json",
+    )
+    p.add_argument(
+        "path", help=".nemo file, extracted .nemo folder, or training checkpoint folder / .ckpt"
+    )
+    p.add_argument(
+        "--checkpoint",
+        default="last",
+        help="in a training folder: last (default), latest, or a file name",
+    )
+
+    p = add(
+        "convert",
+        cmd_convert,
+        "Convert a Lightning training checkpoint folder (one .ckpt per TP/PP rank) to a .nemo.",
+        "ckpt convert exp/checkpoints/ model.nemo --checkpoint last --target-tp 1",
+    )
+    p.add_argument("source", help="training checkpoint folder (or .nemo)")
+    p.add_argument("dest", help="output .nemo path or URL")
+    p.add_argument(
+        "--checkpoint",
+        default="last",
+        help="last (the -last.ckpt, default), latest (highest step=), or a file name",
+    )
+    _add_target(p)
+    _add_write(p)
+
+    p = add(
+        "reshard",
+        cmd_reshard,
+        "Change model parallelism: any TP/PP to any TP/PP, streaming and bit-exact.",
+        "ckpt reshard model_tp4.nemo model_tp2pp2.nemo --target-tp 2 --target-pp 2",
+    )
+    p.add_argument("source", help=".nemo file or folder, or a training checkpoint folder")
+    p.add_argument("dest", help="output .nemo path or URL")
+    p.add_argument(
+        "--checkpoint", default="last", help="for training folders: last, latest, or a file name"
+    )
+    _add_target(p)
+    _add_write(p)
+
+    p = add(
+        "verify",
+        cmd_verify,
+        "Run two checkpoints on the same deterministic images; exit 1 if logits differ beyond the tolerance.",
+        "ckpt verify a.nemo b.nemo --tolerance 1e-5",
+    )
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument(
+        "--tolerance", type=float, default=1e-5, help="max |logit difference| (default 1e-5)"
+    )
+    p.add_argument("--images", type=_positive, default=4, help="number of images (default 4)")
+
+    p = add(
+        "plan",
+        cmd_plan,
+        "Print the repartition plan: one work item per target rank file, with bytes written.",
+        "ckpt plan model.nemo --target-tp 2 --json",
+    )
+    p.add_argument("source")
+    p.add_argument("--checkpoint", default="last")
+    _add_target(p)
+
+    p = add(
+        "import-hf",
+        cmd_import_hf,
+        "Import a HuggingFace transformers or timm ViT (folder or URL) into a .nemo.",
+        "ckpt import-hf ./vit-base-patch16-224 vit.nemo --target-tp 2",
+    )
+    p.add_argument("source")
+    p.add_argument("dest")
+    p.add_argument(
+        "--source",
+        dest="source_kind",
+        choices=("transformers", "timm"),
+        default=None,
+        help="override source detection",
+    )
+    p.add_argument(
+        "--layout",
+        choices=("conv1", "linear_encoder"),
+        default="conv1",
+        help="patch embedding: conv1 (NeMo >= 2.0, default) or linear_encoder (NeMo 1.23)",
+    )
+    _add_target(p)
+    p.add_argument("--overwrite", action="store_true")
+
+    p = add(
+        "export-hf",
+        cmd_export_hf,
+        "Export a .nemo ViT classifier to a transformers ViTForImageClassification folder.",
+        "ckpt export-hf vit.nemo ./vit-hf",
+    )
+    p.add_argument("source")
+    p.add_argument("dest")
+    p.add_argument("--overwrite", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CkptError as exc:
+        print(f"ckpt: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ckpt: interrupted", file=sys.stderr)
+        return 130
+
+
+def run() -> Any:  # pragma: no cover
+    sys.exit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
