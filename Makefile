@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	# timm for the parity tests: --no-deps, since its torchvision pin would pull a CUDA build
+	$(PY) -m pip install -q --no-deps timm==1.0.31 pillow==13.0.0
 	touch $(STAMP)
 
 demo: venv

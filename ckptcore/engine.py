@@ -31,15 +31,37 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().reshape(-1).view(torch.uint8)
 
 
-def make_tensor(ck: Checkpoint, tt: TargetTensor, allow_nonfinite: bool = True) -> torch.Tensor:
-    """The target tensor of ``tt``, from its source pieces."""
+class Scratch:
+    """One reusable, pre-faulted buffer per worker: target tensors are assembled into it.
+
+    Fresh allocations cost page faults on every tensor (the dominant CPU cost when resharding);
+    reusing one buffer sized to the largest tensor keeps anonymous memory flat and the copies fast.
+    """
+
+    def __init__(self) -> None:
+        self._buf = torch.empty(0, dtype=torch.uint8)
+
+    def view(self, dtype: torch.dtype, shape: tuple[int, ...], nbytes: int) -> torch.Tensor:
+        if self._buf.numel() < nbytes:
+            self._buf = torch.empty(0, dtype=torch.uint8)  # free the old one first
+            self._buf = torch.zeros(nbytes, dtype=torch.uint8)  # zeros: fault the pages in once
+        return self._buf[:nbytes].view(dtype).view(shape)
+
+
+def make_tensor(
+    ck: Checkpoint, tt: TargetTensor, allow_nonfinite: bool = True, scratch: Scratch | None = None
+) -> torch.Tensor:
+    """The target tensor of ``tt``, from its source pieces.
+
+    A single contiguous piece of the right dtype is returned as is (a view of the source mmap);
+    anything else is assembled into ``scratch`` (or a new tensor), valid until the next call.
+    """
     spec = tt.spec
     assert spec is not None
     parts = [_read_piece(ck, pc, tt.dim) for pc in tt.pieces]
-    t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=tt.dim)
     for rp in tt.replicas:
         other = _read_piece(ck, rp, None)
-        if other.shape != t.shape or not torch.equal(_bits(other), _bits(t)):
+        if other.shape != parts[0].shape or not torch.equal(_bits(other), _bits(parts[0])):
             first = tt.pieces[0]
             raise CkptError(
                 ck.url,
@@ -47,13 +69,30 @@ def make_tensor(ck: Checkpoint, tt: TargetTensor, allow_nonfinite: bool = True) 
                 f"and (tp={rp.tp_rank}, pp={rp.pp_rank})",
                 tt.key,
             )
-    if not allow_nonfinite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        raise CkptError(
-            ck.url, "holds NaN or Inf values (pass --allow-nonfinite to keep them)", tt.key
-        )
-    if t.dtype != spec.dtype:
-        t = t.to(spec.dtype)
-    return t
+    if not allow_nonfinite:
+        for part in parts:
+            if part.is_floating_point() and not bool(torch.isfinite(part).all()):
+                raise CkptError(
+                    ck.url, "holds NaN or Inf values (pass --allow-nonfinite to keep them)", tt.key
+                )
+    if len(parts) == 1 and parts[0].dtype == spec.dtype and parts[0].is_contiguous():
+        return parts[0]
+    out = (
+        scratch.view(spec.dtype, spec.shape, spec.nbytes)
+        if scratch is not None
+        else torch.empty(spec.shape, dtype=spec.dtype)
+    )
+    if len(parts) == 1:
+        out.copy_(parts[0])
+    elif all(p.dtype == spec.dtype for p in parts):
+        torch.cat(parts, dim=tt.dim, out=out)
+    else:
+        offset = 0
+        for part in parts:
+            n = part.shape[tt.dim]
+            out.narrow(tt.dim, offset, n).copy_(part)
+            offset += n
+    return out
 
 
 def iter_file(
@@ -87,11 +126,12 @@ def write_file(
     tmp = os.path.join(os.path.dirname(final), fp.archive_name + ".ckpt")
     by_key = {tt.key: tt for tt in fp.tensors}
     entries = [(tt.key, tt.spec) for tt in fp.tensors]
+    scratch = Scratch()
     try:
         write_state_dict(
             tmp,
             entries,
-            lambda key: make_tensor(ck, by_key[key], allow_nonfinite),
+            lambda key: make_tensor(ck, by_key[key], allow_nonfinite, scratch),
             metadata=fp.metadata_dict(),
             on_tensor=on_tensor,
         )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import io
+import os
 import pickle
 import struct
 from collections.abc import Callable, Iterable
@@ -25,6 +26,7 @@ import torch
 from ckptcore.dtypes import dtype_info
 from ckptcore.errors import CkptError
 from ckptcore.formats.safe_pickle import StorageRef, TensorRef, load_pickle
+from ckptcore.formats.zipwriter import Sink, TorchZipWriter, archive_size, file_sink
 from ckptcore.storage import ByteSource
 
 _EOCD = b"PK\x05\x06"
@@ -226,6 +228,20 @@ class TensorSpec:
         return n
 
 
+class _Global:
+    """A module-level name to pickle (``GLOBAL module name``) without importing it."""
+
+    def __init__(self, module: str, name: str) -> None:
+        self.module, self.name = module, name
+
+    def __call__(self, *args: Any) -> Any:  # pickle only checks that a reducer is callable
+        raise TypeError(f"{self.module}.{self.name} is a pickling marker")
+
+
+_REBUILD_TENSOR = _Global("torch._utils", "_rebuild_tensor_v2")
+_STORAGE_TYPES: dict[str, _Global] = {}
+
+
 class _StorageSlot:
     def __init__(self, spec: TensorSpec) -> None:
         self.spec = spec
@@ -245,53 +261,46 @@ class _TensorSlot:
         for s in reversed(shape):
             stride.append(acc)
             acc *= s
+        hooks: collections.OrderedDict = collections.OrderedDict()
         return (
-            torch._utils._rebuild_tensor_v2,
-            (
-                self.storage,
-                0,
-                tuple(shape),
-                tuple(reversed(stride)),
-                False,
-                collections.OrderedDict(),
-            ),
+            _REBUILD_TENSOR,
+            (self.storage, 0, tuple(shape), tuple(reversed(stride)), False, hooks),
         )
 
 
-def _pickle_skeleton(obj: Any) -> tuple[bytes, list[_StorageSlot]]:
-    slots: list[_StorageSlot] = []
-    ids: dict[int, str] = {}
+class _SkeletonPickler(pickle._Pickler):  # type: ignore[name-defined]
+    """The pure-Python pickler (same bytes as the C one at protocol 2), taught to write
+    :class:`_Global` names and torch's storage persistent ids."""
 
-    class _Pickler(pickle.Pickler):
-        def persistent_id(self, o: Any) -> Any:
-            if isinstance(o, _StorageSlot):
-                key = ids.get(id(o))
-                if key is None:
-                    key = ids[id(o)] = str(len(slots))
-                    slots.append(o)
-                storage_type = getattr(torch, dtype_info(o.spec.dtype).storage_class)
-                return ("storage", storage_type, key, "cpu", o.numel)
-            return None
+    dispatch = pickle._Pickler.dispatch.copy()  # type: ignore[attr-defined]
 
-    buf = io.BytesIO()
-    _Pickler(buf, protocol=2).dump(obj)
-    return buf.getvalue(), slots
+    def __init__(self, buf: io.BytesIO) -> None:
+        super().__init__(buf, protocol=2)
+        self.slots: list[_StorageSlot] = []
+        self._keys: dict[int, str] = {}
+
+    def save_marker(self, obj: _Global) -> None:
+        self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode())
+        self.memoize(obj)
+
+    dispatch[_Global] = save_marker
+
+    def persistent_id(self, obj: Any) -> Any:
+        if isinstance(obj, _StorageSlot):
+            key = self._keys.get(id(obj))
+            if key is None:
+                key = self._keys[id(obj)] = str(len(self.slots))
+                self.slots.append(obj)
+            cls = dtype_info(obj.spec.dtype).storage_class
+            storage_type = _STORAGE_TYPES.setdefault(cls, _Global("torch", cls))
+            return ("storage", storage_type, key, "cpu", obj.numel)
+        return None
 
 
-def write_state_dict(
-    dest: str | io.IOBase,
-    entries: Iterable[tuple[str, TensorSpec | None]],
-    fill: Callable[[str], torch.Tensor],
-    metadata: dict | None = None,
-    on_tensor: Callable[[str, int], None] | None = None,
-) -> int:
-    """Write an ``OrderedDict`` state dict tensor by tensor; returns the tensor bytes written.
-
-    ``entries`` gives every key in order with its spec (``None`` writes a ``None`` value, as NeMo
-    does for ``_extra_state``). ``fill(key)`` is then called once per tensor, in order; what it
-    returns must match the spec and may be freed right after. ``dest`` is a path (its file stem
-    becomes the archive's record prefix, as with ``torch.save``) or a binary file object.
-    """
+def pickle_skeleton(
+    entries: Iterable[tuple[str, TensorSpec | None]], metadata: dict | None = None
+) -> tuple[bytes, list[tuple[str, TensorSpec]]]:
+    """``data.pkl`` of an OrderedDict state dict, and its tensors in storage order."""
     sd: collections.OrderedDict = collections.OrderedDict()
     order: list[tuple[str, TensorSpec]] = []
     for key, spec in entries:
@@ -302,29 +311,94 @@ def write_state_dict(
             order.append((key, spec))
     if metadata is not None:
         sd._metadata = metadata  # type: ignore[attr-defined]
-    data, slots = _pickle_skeleton(sd)
-    writer = torch._C.PyTorchFileWriter(dest, torch.serialization.get_crc32_options(), 64)
-    writer.write_record("data.pkl", data, len(data))
-    writer.write_record(".format_version", "1", 1)
-    writer.write_record(".storage_alignment", "64", 2)
-    writer.write_record("byteorder", "little", 6)
-    total = 0
-    for index, ((key, spec), _slot) in enumerate(zip(order, slots, strict=True)):
-        t = fill(key)
-        if t.dtype != spec.dtype or tuple(t.shape) != spec.shape:
-            raise CkptError(
-                None, f"produced {t.dtype} {tuple(t.shape)}, planned {spec.dtype} {spec.shape}", key
-            )
-        if (
-            not t.is_contiguous()
-            or t.storage_offset() != 0
-            or t.untyped_storage().nbytes() != spec.nbytes
-        ):
-            t = t.contiguous().clone()
-        writer.write_record(f"data/{index}", t.untyped_storage(), spec.nbytes)
-        total += spec.nbytes
-        if on_tensor is not None:
-            on_tensor(key, spec.nbytes)
-        del t
-    writer.write_end_of_file()
-    return total
+    buf = io.BytesIO()
+    pickler = _SkeletonPickler(buf)
+    pickler.dump(sd)
+    if len(pickler.slots) != len(order):
+        raise AssertionError("every tensor has its own storage")
+    return buf.getvalue(), order
+
+
+_HEADER_RECORDS = (
+    (".format_version", b"1"),
+    (".storage_alignment", b"64"),
+    ("byteorder", b"little"),
+)
+
+
+class StateDictLayout:
+    """Everything about a rank file that is known before its tensors are read: its size too."""
+
+    def __init__(
+        self, archive_name: str, entries: list[tuple[str, TensorSpec | None]], metadata: dict | None
+    ) -> None:
+        self.archive_name = archive_name
+        self.pkl, self.tensors = pickle_skeleton(entries, metadata)
+        records = [("data.pkl", len(self.pkl))] + [(n, len(d)) for n, d in _HEADER_RECORDS]
+        records += [(f"data/{i}", spec.nbytes) for i, (_, spec) in enumerate(self.tensors)]
+        self.size = archive_size(archive_name, records, len(self.tensors))
+
+    def write(
+        self,
+        sink: Sink,
+        fill: Callable[[str], Any],
+        on_tensor: Callable[[str, int], None] | None = None,
+    ) -> int:
+        """Stream the file into ``sink``. ``fill(key)`` gives a contiguous tensor, or a
+        ``(chunks, crc)`` pair: buffers whose bytes are the tensor, and its CRC-32 (an int, a
+        callable returning it, or None to compute it here)."""
+        w = TorchZipWriter(sink, self.archive_name, len(self.tensors))
+        w.write_bytes("data.pkl", self.pkl)
+        for name, data in _HEADER_RECORDS:
+            w.write_bytes(name, data)
+        for index, (key, spec) in enumerate(self.tensors):
+            produced = fill(key)
+            if isinstance(produced, tuple):
+                chunks, crc = produced
+            else:
+                chunks, crc = [tensor_bytes(produced, spec, key)], None
+            w.write_record(f"data/{index}", spec.nbytes, chunks, crc)
+            if on_tensor is not None:
+                on_tensor(key, spec.nbytes)
+        w.finish()
+        if w.pos != self.size:
+            raise AssertionError(f"wrote {w.pos} bytes, laid out {self.size}")
+        return w.pos
+
+
+def tensor_bytes(t: torch.Tensor, spec: TensorSpec, key: str) -> memoryview:
+    """The raw bytes of a tensor that must match ``spec``."""
+    if t.dtype != spec.dtype or tuple(t.shape) != spec.shape:
+        raise CkptError(
+            None, f"produced {t.dtype} {tuple(t.shape)}, planned {spec.dtype} {spec.shape}", key
+        )
+    t = t.contiguous()
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def write_state_dict(
+    dest: str | io.IOBase,
+    entries: Iterable[tuple[str, TensorSpec | None]],
+    fill: Callable[[str], Any],
+    metadata: dict | None = None,
+    on_tensor: Callable[[str, int], None] | None = None,
+) -> int:
+    """Write an ``OrderedDict`` state dict tensor by tensor; returns the file's size.
+
+    ``entries`` gives every key in order with its spec (``None`` writes a ``None`` value, as NeMo
+    does for ``_extra_state``). ``fill(key)`` is then called once per tensor, in order (see
+    :meth:`StateDictLayout.write`). ``dest`` is a path (its file stem becomes the archive's
+    record prefix, as with ``torch.save``) or a binary file object (prefix ``archive``).
+    """
+    if isinstance(dest, str):
+        name = os.path.splitext(os.path.basename(dest))[0]
+        layout = StateDictLayout(name, list(entries), metadata)
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            return layout.write(file_sink(fd), fill, on_tensor)
+        finally:
+            os.close(fd)
+    layout = StateDictLayout("archive", list(entries), metadata)
+    return layout.write(dest.write, fill, on_tensor)
