@@ -16,10 +16,11 @@ from typing import Any
 import torch
 
 from ckptcore.dtypes import dtype_info, parse_precision
-from ckptcore.engine import execute, materialize
+from ckptcore.engine import execute, file_layout, materialize, write_rank
 from ckptcore.errors import CkptError
 from ckptcore.formats import nemo as nemo_fmt
-from ckptcore.output import atomic_output
+from ckptcore.formats.zipwriter import file_sink
+from ckptcore.output import atomic_output, check_destination
 from ckptcore.plan import Plan, build_plan
 from ckptcore.sources import Checkpoint, open_checkpoint
 
@@ -67,7 +68,11 @@ def write_rank_files(
     allow_nonfinite: bool = False,
     progress: Progress | None = None,
 ) -> dict[str, str]:
-    """Every target rank file plus ``model_config.yaml`` under ``out_dir``; {member: path}."""
+    """Every target rank file plus ``model_config.yaml`` under ``out_dir``; {member: path}.
+
+    This is the extracted-``.nemo`` form (NeMo restores a folder too); :func:`convert` streams
+    straight into the archive instead.
+    """
     paths = execute(
         plan, ck, out_dir, workers=workers, allow_nonfinite=allow_nonfinite, on_tensor=progress
     )
@@ -79,15 +84,40 @@ def write_rank_files(
     return files
 
 
+def nemo_members(
+    ck: Checkpoint,
+    plan: Plan,
+    allow_nonfinite: bool = False,
+    progress: Progress | None = None,
+) -> dict[str, nemo_fmt.MemberData]:
+    """The archive's members with rank files produced on the fly (sizes known from the plan)."""
+    members: dict[str, nemo_fmt.MemberData] = {
+        nemo_fmt.CONFIG_NAME: nemo_fmt.dump_config(plan.config)
+    }
+    for fp in plan.files:
+        layout = file_layout(fp)
+
+        def produce(sink, fp=fp, layout=layout) -> None:
+            write_rank(ck, fp, sink, layout, allow_nonfinite, progress)
+
+        members[fp.path] = nemo_fmt.MemberSource(layout.size, produce)
+    return members
+
+
 def package_nemo(
-    files: dict[str, str], dest: str, sources: list[str] = (), overwrite: bool = False
+    files: dict[str, nemo_fmt.MemberData],
+    dest: str,
+    sources: list[str] = (),
+    overwrite: bool = False,
 ) -> int:
-    """Tar ``files`` ({member: local path}) into ``dest`` atomically; returns its size."""
+    """Write the archive of ``files`` ({member: path, bytes or producer}) to ``dest`` atomically."""
     with atomic_output(dest, list(sources), overwrite) as tmp:
-        with open(tmp, "wb") as out:
-            size = nemo_fmt.write_nemo(out, files)
-            out.flush()
-            os.fsync(out.fileno())
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            size = nemo_fmt.write_nemo(file_sink(fd), files)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     return size
 
 
@@ -105,21 +135,23 @@ def convert(
     progress: Progress | None = None,
     extra_members: dict[str, bytes] | None = None,
 ) -> ConvertReport:
-    """Any supported checkpoint -> a ``.nemo`` at ``dest``, repartitioned to the target TP/PP."""
-    start = time.perf_counter()
-    from ckptcore.output import check_destination
+    """Any supported checkpoint -> a ``.nemo`` at ``dest``, repartitioned to the target TP/PP.
 
+    With one worker the rank files stream straight into the archive (each byte written once);
+    with more, they are written in parallel to a staging folder and then packed.
+    """
+    start = time.perf_counter()
     check_destination(dest, [source], overwrite)
     with open_checkpoint(source, checkpoint) as ck:
         plan = plan_conversion(ck, target_tp, target_pp, precision, layers_per_stage)
         with tempfile.TemporaryDirectory(prefix="ckpt-stage-") as stage:
-            files = write_rank_files(ck, plan, stage, workers, allow_nonfinite, progress)
-            for name, data in (extra_members or {}).items():
-                path = os.path.join(stage, name)
-                with open(path, "wb") as f:
-                    f.write(data)
-                files[name] = path
-            tensor_bytes = sum(f.write_bytes for f in plan.files)
+            if workers > 1 and len(plan.files) > 1:
+                files: dict[str, nemo_fmt.MemberData] = dict(
+                    write_rank_files(ck, plan, stage, workers, allow_nonfinite, progress)
+                )
+            else:
+                files = nemo_members(ck, plan, allow_nonfinite, progress)
+            files.update(extra_members or {})
             size = package_nemo(files, dest, [source], overwrite)
         return ConvertReport(
             source=source,
@@ -133,7 +165,7 @@ def convert(
             step=ck.step,
             epoch=ck.epoch,
             checkpoint_name=ck.name,
-            tensor_bytes=tensor_bytes,
+            tensor_bytes=sum(f.write_bytes for f in plan.files),
             output_bytes=size,
             seconds=time.perf_counter() - start,
             plan_digest=plan.digest(),
@@ -185,9 +217,7 @@ def save_model(model, save_path: str, tp: int = 1, pp: int = 1, overwrite: bool 
         cpu._metadata = sd._metadata  # type: ignore[attr-defined]
     ck = Checkpoint.from_state_dicts(config, {(0, 0): cpu})
     plan = build_plan(ck, tp, pp)
-    with tempfile.TemporaryDirectory(prefix="ckpt-save-") as stage:
-        files = write_rank_files(ck, plan, stage, allow_nonfinite=True)
-        package_nemo(files, save_path, overwrite=overwrite)
+    package_nemo(nemo_members(ck, plan, allow_nonfinite=True), save_path, overwrite=overwrite)
     return save_path
 
 

@@ -1,8 +1,10 @@
 """The streaming engine: execute a plan one target file, one tensor at a time.
 
-Source tensors are mmapped views (or ranged reads); each target tensor is made from its pieces
-(a view when one contiguous piece suffices, one ``torch.cat`` otherwise), cast if asked, checked,
-written, and dropped. Anonymous memory therefore stays near the largest tensor.
+Each target tensor is made from its source pieces. Where the bytes allow it, no tensor is built at
+all: a copied or dim-0-concatenated tensor is a list of byte ranges of the (mmapped) sources,
+written straight to the output; a split along another dim is gathered into one reusable buffer.
+Only casts and unusual sources go through torch. Anonymous memory therefore stays near the
+largest tensor, and every output byte is written once, straight into its final place.
 """
 
 from __future__ import annotations
@@ -12,12 +14,28 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 
+from ckptcore.dtypes import BY_NAME
 from ckptcore.errors import CkptError
-from ckptcore.formats.torchzip import write_state_dict
+from ckptcore.formats.torchzip import StateDictLayout
+from ckptcore.formats.zipwriter import Sink, file_sink
 from ckptcore.plan import FilePlan, Piece, Plan, TargetTensor
 from ckptcore.sources import Checkpoint
+from ckptcore.storage import Span
+
+Progress = Callable[[str, int], None]
+
+# NaN/Inf test per dtype: the exponent bits all set (numpy view dtype, mask)
+_NONFINITE = {
+    torch.float32: (np.uint32, 0x7F800000),
+    torch.float16: (np.uint16, 0x7C00),
+    torch.bfloat16: (np.uint16, 0x7F80),
+    torch.float64: (np.uint64, 0x7FF0000000000000),
+}
+_NUMPY_FLOAT = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64}
+BLOCK = 4 << 20  # bytes moved per step: source -> buffer (checks, CRC) -> sink, cache-sized
 
 
 def _read_piece(ck: Checkpoint, pc: Piece, dim: int | None) -> torch.Tensor:
@@ -31,29 +49,157 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().reshape(-1).view(torch.uint8)
 
 
+def _has_nonfinite(buf, dtype: torch.dtype) -> bool:
+    """NaN/Inf anywhere in ``buf`` (raw bytes of ``dtype``)."""
+    if len(buf) == 0 or dtype not in _NONFINITE:
+        return False
+    if dtype in _NUMPY_FLOAT:
+        arr = np.frombuffer(buf, dtype=_NUMPY_FLOAT[dtype])
+        return not bool(np.isfinite(arr).all())
+    view_type, mask = _NONFINITE[dtype]
+    arr = np.frombuffer(buf, dtype=view_type)
+    return bool(np.any(np.bitwise_and(arr, mask) == mask))
+
+
+def _replica_error(ck: Checkpoint, tt: TargetTensor, rp: Piece) -> CkptError:
+    first = tt.pieces[0]
+    return CkptError(
+        ck.url,
+        f"replicated tensor differs between ranks (tp={first.tp_rank}, pp={first.pp_rank}) "
+        f"and (tp={rp.tp_rank}, pp={rp.pp_rank})",
+        tt.key,
+    )
+
+
+def _nonfinite_error(ck: Checkpoint, tt: TargetTensor) -> CkptError:
+    return CkptError(
+        ck.url, "holds NaN or Inf values (pass --allow-nonfinite to keep them)", tt.key
+    )
+
+
 class Scratch:
-    """One reusable, pre-faulted buffer per worker: target tensors are assembled into it.
+    """Reusable, pre-faulted buffers per worker: blocks in flight and gathered tensors.
 
     Fresh allocations cost page faults on every tensor (the dominant CPU cost when resharding);
-    reusing one buffer sized to the largest tensor keeps anonymous memory flat and the copies fast.
+    reusing buffers sized to the largest tensor keeps anonymous memory flat and copies fast.
     """
 
     def __init__(self) -> None:
-        self._buf = torch.empty(0, dtype=torch.uint8)
+        self._bufs: dict[str, np.ndarray] = {}
+
+    def take(self, nbytes: int, slot: str = "out") -> np.ndarray:
+        buf = self._bufs.get(slot)
+        if buf is None or buf.size < nbytes:
+            self._bufs.pop(slot, None)  # free the old one first
+            buf = self._bufs[slot] = np.zeros(
+                max(nbytes, 1), dtype=np.uint8
+            )  # zeros: fault in once
+        return buf[:nbytes]
 
     def view(self, dtype: torch.dtype, shape: tuple[int, ...], nbytes: int) -> torch.Tensor:
-        if self._buf.numel() < nbytes:
-            self._buf = torch.empty(0, dtype=torch.uint8)  # free the old one first
-            self._buf = torch.zeros(nbytes, dtype=torch.uint8)  # zeros: fault the pages in once
-        return self._buf[:nbytes].view(dtype).view(shape)
+        return torch.from_numpy(self.take(nbytes)).view(dtype).view(shape)
+
+
+Chunk = Span | memoryview
+
+
+def _read_span(span: Span, scratch: Scratch | None, slot: str) -> memoryview:
+    buf = memoryview(
+        scratch.take(span.length, slot) if scratch is not None else np.empty(span.length, np.uint8)
+    )
+    span.readinto(buf)
+    return buf
+
+
+def tensor_chunks(
+    ck: Checkpoint, tt: TargetTensor, scratch: Scratch | None = None
+) -> list[Chunk] | None:
+    """The target tensor's bytes as source spans (or one gathered buffer), without building a
+    tensor; None where that is not possible (casts, views, sources without stored bytes)."""
+    spec = tt.spec
+    assert spec is not None
+    spans = []
+    for pc in tt.pieces:
+        sr = ck.ranks[(pc.tp_rank, pc.pp_rank)]
+        value = sr.state[pc.key]
+        if value is None or value.dtype != spec.dtype:
+            return None
+        span = sr.span(pc.key)
+        if span is None:
+            return None
+        spans.append((span, tuple(value.shape)))
+    for rp in tt.replicas:
+        other = ck.ranks[(rp.tp_rank, rp.pp_rank)].span(rp.key)
+        if other is None:
+            return None
+        first = spans[0][0]
+        if other.length != first.length or bytes(_read_span(other, scratch, "a")) != bytes(
+            _read_span(first, scratch, "b")
+        ):
+            raise _replica_error(ck, tt, rp)
+    d = tt.dim
+    if d is None:
+        return [spans[0][0]]
+    itemsize = BY_NAME[tt.dtype].itemsize
+    geometry = []
+    for (span, shape), pc in zip(spans, tt.pieces, strict=True):
+        outer = 1
+        for s in shape[:d]:
+            outer *= s
+        inner = itemsize
+        for s in shape[d + 1 :]:
+            inner *= s
+        start = 0 if pc.start is None else pc.start
+        length = shape[d] if pc.length is None else pc.length
+        geometry.append((span, outer, shape[d] * inner, start * inner, length * inner))
+    if all(outer == 1 for _, outer, _, _, _ in geometry):  # dim-0 pieces: contiguous byte ranges
+        return [Span(span.src, span.offset + lo, n) for span, _, _, lo, n in geometry]
+    outer = geometry[0][1]
+    width = sum(n for *_, n in geometry)
+    out = (
+        scratch.take(outer * width) if scratch is not None else np.empty(outer * width, np.uint8)
+    ).reshape(outer, width)
+    col = 0
+    for span, _, row, lo, n in geometry:
+        src = np.frombuffer(_read_span(span, scratch, "in"), dtype=np.uint8).reshape(outer, row)
+        out[:, col : col + n] = src[:, lo : lo + n]
+        col += n
+    return [memoryview(out.reshape(-1))]
+
+
+def stream_blocks(
+    chunks: list[Chunk],
+    dtype: torch.dtype,
+    scratch: Scratch | None,
+    check_finite: bool,
+    on_bad: Callable[[], Exception],
+) -> Iterator[memoryview]:
+    """The chunks' bytes in cache-sized blocks (each valid until the next), NaN/Inf-checked."""
+    block = memoryview(
+        scratch.take(BLOCK, "block") if scratch is not None else np.empty(BLOCK, np.uint8)
+    )
+    for chunk in chunks:
+        if isinstance(chunk, Span):
+            for off in range(0, chunk.length, BLOCK):
+                view = block[: min(BLOCK, chunk.length - off)]
+                chunk.readinto(view, off)
+                if check_finite and _has_nonfinite(view, dtype):
+                    raise on_bad()
+                yield view
+        else:
+            for off in range(0, len(chunk), BLOCK):
+                view = chunk[off : off + BLOCK]
+                if check_finite and _has_nonfinite(view, dtype):
+                    raise on_bad()
+                yield view
 
 
 def make_tensor(
     ck: Checkpoint, tt: TargetTensor, allow_nonfinite: bool = True, scratch: Scratch | None = None
 ) -> torch.Tensor:
-    """The target tensor of ``tt``, from its source pieces.
+    """The target tensor of ``tt`` built with torch (any source, any cast).
 
-    A single contiguous piece of the right dtype is returned as is (a view of the source mmap);
+    A single contiguous piece of the right dtype is returned as is (a view of the source);
     anything else is assembled into ``scratch`` (or a new tensor), valid until the next call.
     """
     spec = tt.spec
@@ -62,19 +208,11 @@ def make_tensor(
     for rp in tt.replicas:
         other = _read_piece(ck, rp, None)
         if other.shape != parts[0].shape or not torch.equal(_bits(other), _bits(parts[0])):
-            first = tt.pieces[0]
-            raise CkptError(
-                ck.url,
-                f"replicated tensor differs between ranks (tp={first.tp_rank}, pp={first.pp_rank}) "
-                f"and (tp={rp.tp_rank}, pp={rp.pp_rank})",
-                tt.key,
-            )
+            raise _replica_error(ck, tt, rp)
     if not allow_nonfinite:
         for part in parts:
             if part.is_floating_point() and not bool(torch.isfinite(part).all()):
-                raise CkptError(
-                    ck.url, "holds NaN or Inf values (pass --allow-nonfinite to keep them)", tt.key
-                )
+                raise _nonfinite_error(ck, tt)
     if len(parts) == 1 and parts[0].dtype == spec.dtype and parts[0].is_contiguous():
         return parts[0]
     out = (
@@ -113,30 +251,59 @@ def materialize(ck: Checkpoint, fp: FilePlan) -> OrderedDict:
     return sd
 
 
+def file_layout(fp: FilePlan) -> StateDictLayout:
+    """The target rank file's pickle and exact size, from the plan alone."""
+    return StateDictLayout(
+        fp.archive_name, [(tt.key, tt.spec) for tt in fp.tensors], fp.metadata_dict()
+    )
+
+
+def write_rank(
+    ck: Checkpoint,
+    fp: FilePlan,
+    sink: Sink,
+    layout: StateDictLayout | None = None,
+    allow_nonfinite: bool = True,
+    on_tensor: Progress | None = None,
+) -> int:
+    """Stream one target rank file into ``sink``; returns its size."""
+    layout = layout or file_layout(fp)
+    by_key = {tt.key: tt for tt in fp.tensors}
+    scratch = Scratch()
+
+    def fill(key: str):
+        tt = by_key[key]
+        chunks = tensor_chunks(ck, tt, scratch)
+        if chunks is None:
+            return make_tensor(ck, tt, allow_nonfinite, scratch)
+        blocks = stream_blocks(
+            chunks, tt.spec.dtype, scratch, not allow_nonfinite, lambda: _nonfinite_error(ck, tt)
+        )
+        return blocks, None
+
+    return layout.write(sink, fill, on_tensor)
+
+
 def write_file(
     ck: Checkpoint,
     fp: FilePlan,
     out_dir: str,
     allow_nonfinite: bool = True,
-    on_tensor: Callable[[str, int], None] | None = None,
+    on_tensor: Progress | None = None,
 ) -> str:
-    """Write one target rank file under ``out_dir`` (NeMo's record prefix); returns its path."""
+    """Write one target rank file under ``out_dir`` (NeMo's path and record prefix); its path."""
     final = os.path.join(out_dir, fp.path)
     os.makedirs(os.path.dirname(final), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(final), fp.archive_name + ".ckpt")
-    by_key = {tt.key: tt for tt in fp.tensors}
-    entries = [(tt.key, tt.spec) for tt in fp.tensors]
-    scratch = Scratch()
+    tmp = final + ".partial"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        write_state_dict(
-            tmp,
-            entries,
-            lambda key: make_tensor(ck, by_key[key], allow_nonfinite, scratch),
-            metadata=fp.metadata_dict(),
-            on_tensor=on_tensor,
-        )
+        write_rank(ck, fp, file_sink(fd), None, allow_nonfinite, on_tensor)
+        os.close(fd)
+        fd = -1
         os.replace(tmp, final)
     except BaseException:
+        if fd >= 0:
+            os.close(fd)
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
@@ -149,7 +316,7 @@ def execute(
     out_dir: str,
     workers: int = 1,
     allow_nonfinite: bool = True,
-    on_tensor: Callable[[str, int], None] | None = None,
+    on_tensor: Progress | None = None,
 ) -> list[str]:
     """Write every target rank file of ``plan`` into ``out_dir``; ``workers`` files at a time."""
     if workers <= 1 or len(plan.files) == 1:

@@ -272,16 +272,13 @@ def write_nemo(
     state_dict: dict | None = None,
 ) -> collections.OrderedDict:
     """Write a sample ``.nemo`` at ``path``; returns the TP=1 state dict it holds."""
-    import tempfile
 
-    from ckptcore.api import package_nemo, write_rank_files
+    from ckptcore.api import nemo_members, package_nemo
     from ckptcore.plan import build_plan
 
     cfg = dict(config, tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
     full = state_dict if state_dict is not None else random_state_dict(cfg, seed, dtype)
     ck = Checkpoint.from_state_dicts(cfg, {(0, 0): full})
     plan = build_plan(ck, tp, pp)
-    with tempfile.TemporaryDirectory(prefix="ckpt-sample-") as stage:
-        files = write_rank_files(ck, plan, stage, allow_nonfinite=True)
-        package_nemo(files, path, overwrite=True)
+    package_nemo(nemo_members(ck, plan, allow_nonfinite=True), path, overwrite=True)
     return full

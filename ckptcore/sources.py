@@ -23,7 +23,7 @@ from ckptcore.formats.ptl import find_checkpoint
 from ckptcore.formats.safe_pickle import TensorRef, to_plain
 from ckptcore.formats.torchzip import TensorSpec, TorchFile, state_dict_of
 from ckptcore.layout import parse_rank_folder, rank_folder
-from ckptcore.storage import ByteSource, LocalFile, get_fs, is_local, local_path, open_source
+from ckptcore.storage import ByteSource, LocalFile, Span, get_fs, is_local, local_path, open_source
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,14 @@ class SourceRank:
     state: collections.OrderedDict  # key -> Value
     metadata: dict | None
     reader: Callable[[TensorRef], torch.Tensor] | None = None
+    span_reader: Callable[[TensorRef], Span] | None = None
+
+    def span(self, key: str) -> Span | None:
+        """Where a stored contiguous tensor's bytes are, or None where only :meth:`tensor` works."""
+        value = self.state[key]
+        if isinstance(value, TensorRef) and self.span_reader is not None and value.is_contiguous():
+            return self.span_reader(value)
+        return None
 
     def tensor(self, key: str) -> torch.Tensor:
         value = self.state[key]
@@ -119,9 +127,8 @@ class Checkpoint:
 def _torch_rank(src: ByteSource, tp_rank: int, pp_rank: int) -> tuple[SourceRank, Any]:
     tf = TorchFile(src)
     sd = state_dict_of(tf.obj, src.name)
-    return SourceRank(
-        tp_rank, pp_rank, src.name, sd, getattr(sd, "_metadata", None), tf.tensor
-    ), tf.obj
+    meta = getattr(sd, "_metadata", None)
+    return SourceRank(tp_rank, pp_rank, src.name, sd, meta, tf.tensor, tf.span), tf.obj
 
 
 def _config_parallel(config: dict) -> tuple[int, int]:

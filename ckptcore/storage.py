@@ -10,6 +10,7 @@ from __future__ import annotations
 import mmap
 import os
 import threading
+from dataclasses import dataclass
 from typing import Protocol
 
 import fsspec
@@ -51,7 +52,27 @@ class ByteSource(Protocol):
 
     def read(self, offset: int, length: int) -> bytes | memoryview: ...
 
+    def readinto(self, offset: int, buf: memoryview) -> None: ...
+
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Span:
+    """``length`` bytes at ``offset`` of a source: data not read yet."""
+
+    src: ByteSource
+    offset: int
+    length: int
+
+    def readinto(self, buf: memoryview, start: int = 0) -> None:
+        """Fill ``buf`` with the span's bytes from ``start`` on."""
+        self.src.readinto(self.offset + start, buf)
+
+
+def _check_range(name: str, offset: int, length: int, size: int) -> None:
+    if offset < 0 or length < 0 or offset + length > size:
+        raise CkptError(name, f"truncated: needs bytes {offset}..{offset + length}, has {size}")
 
 
 class LocalFile:
@@ -73,13 +94,20 @@ class LocalFile:
         )
 
     def read(self, offset: int, length: int) -> memoryview:
-        if offset < 0 or length < 0 or offset + length > self.size or self._mm is None:
-            if length == 0:
-                return memoryview(b"")
-            raise CkptError(
-                self.name, f"truncated: needs bytes {offset}..{offset + length}, has {self.size}"
-            )
+        if length == 0:
+            return memoryview(b"")
+        _check_range(self.name, offset, length, self.size)
         return memoryview(self._mm)[offset : offset + length]
+
+    def readinto(self, offset: int, buf: memoryview) -> None:
+        """pread into ``buf``: one copy from the page cache, no page faults in our mappings."""
+        _check_range(self.name, offset, len(buf), self.size)
+        done = 0
+        while done < len(buf):
+            n = os.preadv(self._fd, [buf[done:]], offset + done)
+            if n <= 0:
+                raise CkptError(self.name, f"file shrank while reading at {offset + done}")
+            done += n
 
     def close(self) -> None:
         # mmap views may still be alive in tensors handed out; let GC unmap.
@@ -117,6 +145,9 @@ class RemoteFile:
             raise CkptError(self.name, f"short read at {offset}: {len(data)} of {length} bytes")
         return data
 
+    def readinto(self, offset: int, buf: memoryview) -> None:
+        buf[:] = self.read(offset, len(buf))
+
     def close(self) -> None:
         pass
 
@@ -131,11 +162,12 @@ class SubRange:
         self.name = name
 
     def read(self, offset: int, length: int) -> bytes | memoryview:
-        if offset < 0 or offset + length > self.size:
-            raise CkptError(
-                self.name, f"truncated: needs bytes {offset}..{offset + length}, has {self.size}"
-            )
+        _check_range(self.name, offset, length, self.size)
         return self.parent.read(self.base + offset, length)
+
+    def readinto(self, offset: int, buf: memoryview) -> None:
+        _check_range(self.name, offset, len(buf), self.size)
+        self.parent.readinto(self.base + offset, buf)
 
     def close(self) -> None:
         pass

@@ -19,7 +19,7 @@ import tarfile
 import tempfile
 import time
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import yaml
@@ -189,13 +189,24 @@ def _tar_info(name: str, size: int, is_dir: bool, mtime: int) -> tarfile.TarInfo
     return info
 
 
-def nemo_members(files: dict[str, str]) -> list[tuple[str, str | None]]:
+@dataclass
+class MemberSource:
+    """A member produced on the fly: ``write(sink)`` must emit exactly ``size`` bytes."""
+
+    size: int
+    write: Callable[[Callable[[bytes | memoryview], object]], object]
+
+
+MemberData = str | bytes | MemberSource  # a local path, the bytes, or a producer
+
+
+def nemo_members(names: Iterable[str]) -> list[tuple[str, str | None]]:
     """Archive members in NeMo's order: ``.``, then a sorted walk, each folder before its files.
 
-    ``files`` maps relative names (``mp_rank_00/model_weights.ckpt``) to local paths.
+    Returns (member name, relative file name or None for a folder).
     """
     tree: dict[str, list[str]] = {"": []}
-    for rel in files:
+    for rel in names:
         parts = rel.split("/")
         for i in range(1, len(parts)):
             parent, child = "/".join(parts[: i - 1]), "/".join(parts[:i])
@@ -211,55 +222,63 @@ def nemo_members(files: dict[str, str]) -> list[tuple[str, str | None]]:
                 out.append((f"./{child}", None))
                 walk(child)
             else:
-                out.append((f"./{child}", files[child]))
+                out.append((f"./{child}", child))
 
     walk("")
     return out
 
 
-def write_nemo(fileobj, files: dict[str, str], mtime: int | None = None) -> int:
-    """Write the archive to an open binary file; payloads are copied with sendfile where possible."""
+def _size_of(data: MemberData) -> int:
+    if isinstance(data, MemberSource):
+        return data.size
+    if isinstance(data, bytes):
+        return len(data)
+    return os.path.getsize(data)
+
+
+def write_nemo(out, files: dict[str, MemberData], mtime: int | None = None) -> int:
+    """Write the archive sequentially to ``out`` (a binary file object or a sink callable).
+
+    Every member's size is known up front, so headers precede data and nothing is revisited:
+    the output can be a pipe or a multipart upload as well as a file.
+    """
+    sink = out if callable(out) and not hasattr(out, "write") else out.write
     mtime = int(time.time()) if mtime is None else mtime
     written = 0
-    for name, path in nemo_members(files):
-        size = 0 if path is None else os.path.getsize(path)
-        header = _tar_info(name, size, path is None, mtime).tobuf(
-            tarfile.PAX_FORMAT, "utf-8", "surrogateescape"
+
+    def emit(data: bytes | memoryview) -> None:
+        nonlocal written
+        sink(data)
+        written += len(data)
+
+    for name, rel in nemo_members(files):
+        data = None if rel is None else files[rel]
+        size = 0 if data is None else _size_of(data)
+        emit(
+            _tar_info(name, size, data is None, mtime).tobuf(
+                tarfile.PAX_FORMAT, "utf-8", "surrogateescape"
+            )
         )
-        fileobj.write(header)
-        written += len(header)
-        if path is not None:
-            written += _copy_payload(path, fileobj, size)
-            pad = (-size) % tarfile.BLOCKSIZE
-            if pad:
-                fileobj.write(b"\0" * pad)
-                written += pad
-    end = b"\0" * (2 * tarfile.BLOCKSIZE)
-    written += len(end)
-    tail = (-written) % tarfile.RECORDSIZE
-    fileobj.write(end + b"\0" * tail)
-    return written + tail
-
-
-def _copy_payload(path: str, out, size: int) -> int:
-    with open(path, "rb") as src:
-        fileno = None
-        try:
-            fileno = out.fileno()
-        except (AttributeError, io.UnsupportedOperation, OSError):
-            pass
-        if fileno is not None and hasattr(os, "sendfile"):
-            out.flush()
-            offset = 0
-            while offset < size:
-                sent = os.sendfile(fileno, src.fileno(), offset, min(size - offset, 1 << 30))
-                if sent == 0:
-                    raise CkptError(path, "file shrank while being packed")
-                offset += sent
-            out.seek(0, os.SEEK_END)
-            return size
-        shutil.copyfileobj(src, out, 8 << 20)
-        return size
+        if data is None:
+            continue
+        before = written
+        if isinstance(data, bytes):
+            emit(data)
+        elif isinstance(data, MemberSource):
+            data.write(emit)
+        else:
+            with open(data, "rb") as f:
+                while block := f.read(8 << 20):
+                    emit(block)
+        if written - before != size:
+            raise CkptError(name, f"member produced {written - before} bytes, expected {size}")
+        pad = (-size) % tarfile.BLOCKSIZE
+        if pad:
+            emit(b"\0" * pad)
+    end = 2 * tarfile.BLOCKSIZE
+    end += (-(written + end)) % tarfile.RECORDSIZE
+    emit(b"\0" * end)
+    return written
 
 
 def stage_dir(prefix: str = "ckpt-") -> tempfile.TemporaryDirectory:

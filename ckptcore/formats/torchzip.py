@@ -27,7 +27,7 @@ from ckptcore.dtypes import dtype_info
 from ckptcore.errors import CkptError
 from ckptcore.formats.safe_pickle import StorageRef, TensorRef, load_pickle
 from ckptcore.formats.zipwriter import Sink, TorchZipWriter, archive_size, file_sink
-from ckptcore.storage import ByteSource
+from ckptcore.storage import ByteSource, Span
 
 _EOCD = b"PK\x05\x06"
 _EOCD64_LOCATOR = b"PK\x06\x07"
@@ -179,6 +179,13 @@ class TorchFile:
         itemsize = dtype_info(ref.dtype).itemsize
         lo, hi = ref.span()
         return self._data_offset(rec) + lo * itemsize, (hi - lo) * itemsize
+
+    def span(self, ref: TensorRef) -> Span:
+        """Where a contiguous tensor's bytes are, without reading them."""
+        if not ref.is_contiguous():
+            raise ValueError("span() needs a contiguous tensor")
+        start, length = self.byte_range(ref)
+        return Span(self.src, start, length)
 
     def tensor(self, ref: TensorRef) -> torch.Tensor:
         """Read one tensor: a view of the mmap for local files, one ranged read for remote ones."""

@@ -26,6 +26,18 @@ ALIGN = 64
 U32 = 0xFFFFFFFF
 _MASK64 = (1 << 64) - 1
 _NAME_HASHES: list[str] | None = None
+_PARALLEL_MIN = 1 << 20
+_POOL = None
+
+
+def _crc_pool():
+    """One shared helper thread: zlib.crc32 and os.write both release the GIL."""
+    global _POOL
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-crc")
+    return _POOL
 
 
 def _hash_combine(seed: int, value: int) -> int:
@@ -86,6 +98,7 @@ class TorchZipWriter:
     """
 
     def __init__(self, sink: Sink | None, archive_name: str, num_storages: int) -> None:
+        self._pool = _crc_pool() if sink is not None else None
         self.sink = sink
         self.prefix = archive_name + "/"
         self.pos = 0
@@ -139,10 +152,16 @@ class TorchZipWriter:
                 self.pos += chunk
                 written += chunk
                 continue
-            self._emit(chunk)
+            if crc is None and self._pool is not None and len(chunk) >= _PARALLEL_MIN:
+                # CRC on the other core while this one writes the same bytes
+                pending = self._pool.submit(zlib.crc32, chunk, running)
+                self._emit(chunk)
+                running = pending.result()
+            else:
+                self._emit(chunk)
+                if crc is None:
+                    running = zlib.crc32(chunk, running)
             written += len(chunk)
-            if crc is None:
-                running = zlib.crc32(chunk, running)
         if self.sink is None:
             self.pos += size - written
         elif written != size:

@@ -1,0 +1,309 @@
+"""Lineage of a converted checkpoint: what went in, what came out, how, with what code.
+
+A :class:`LineageRecord` is plain data. It is written as JSON in three places: the
+``lineage.json`` member of the ``.nemo``, the sidecar ``<destination>.lineage.json`` beside it,
+and (as a short summary) the object metadata of the ``.nemo`` in S3. An archive cannot hold its
+own digest, so the member is written before packaging, with ``output`` and ``verify`` still
+empty; the sidecar is the complete record and is written last, so it also marks the upload as
+committed.
+
+This module knows nothing of Prefect: the run identity is handed in as a :class:`RunInfo`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import subprocess
+from dataclasses import asdict, dataclass, field, fields, replace
+from importlib import metadata as importlib_metadata
+from typing import Any
+
+from ckptcore.errors import CkptError
+from ckptcore.layout import parse_rank_folder
+
+SCHEMA = "ckpt-pipeline/lineage/v1"
+MEMBER_NAME = "lineage.json"
+SIDECAR_SUFFIX = ".lineage.json"
+PROJECT = "ckpt-pipeline"
+_CHUNK_BYTES = 8 << 20
+_METADATA_VALUE_CHARS = 256  # S3 user metadata is 2 KB in all: keep each value short
+
+
+def sidecar_url(destination: str) -> str:
+    """Where the complete lineage record of ``destination`` lives."""
+    return destination + SIDECAR_SUFFIX
+
+
+def sha256_file(path: str) -> str:
+    """Hex sha256 of a local file, read in 8 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK_BYTES):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One file of the source checkpoint: its URL, size and content digest."""
+
+    url: str
+    size_bytes: int
+    sha256: str
+
+
+def files_digest(files: list[SourceFile]) -> str:
+    """One digest for a set of files: sha256 over their sorted (name, size, sha256) lines.
+
+    Only the file name and its rank folder (``mp_rank_01/``) take part, so the same checkpoint
+    copied to another bucket has the same digest.
+    """
+    lines = sorted(f"{_rank_relative(f.url)}\t{f.size_bytes}\t{f.sha256}\n" for f in files)
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+def _rank_relative(url: str) -> str:
+    parts = url.rstrip("/").split("/")
+    if len(parts) >= 2 and parse_rank_folder(parts[-2]) is not None:
+        return "/".join(parts[-2:])
+    return parts[-1]
+
+
+@dataclass(frozen=True)
+class OutputInfo:
+    """The ``.nemo`` that was produced."""
+
+    url: str
+    size_bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class VerifyInfo:
+    """Source and output models on the same deterministic images."""
+
+    max_abs_diff: float
+    tolerance: float
+    images: int
+    passed: bool
+    device: str
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """Who made the record: the orchestrator's run identity (empty when run without one)."""
+
+    flow_name: str | None = None
+    flow_run_id: str | None = None
+    flow_run_name: str | None = None
+    deployment_name: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LineageRecord:
+    """Everything needed to say where a ``.nemo`` came from and to reproduce it."""
+
+    source: str
+    checkpoint: str | None
+    source_files: list[SourceFile]
+    source_digest: str
+    step: int | None
+    epoch: int | None
+    source_tp: int
+    source_pp: int
+    target_tp: int
+    target_pp: int
+    precision: str
+    plan_digest: str
+    destination: str
+    run: RunInfo = field(default_factory=RunInfo)
+    versions: dict[str, str] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    output: OutputInfo | None = None
+    verify: VerifyInfo | None = None
+    notes: list[str] = field(default_factory=list)
+    created_at: str = field(
+        default_factory=lambda: _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+    )
+    schema: str = SCHEMA
+
+    # ------------------------------------------------------------------ building
+    def with_timing(self, step: str, seconds: float) -> LineageRecord:
+        return replace(self, timings={**self.timings, step: round(float(seconds), 3)})
+
+    def completed(
+        self, output: OutputInfo, verify: VerifyInfo | None, timings: dict[str, float]
+    ) -> LineageRecord:
+        """The record once the ``.nemo`` exists (and was verified, if it was)."""
+        merged = {**self.timings, **{k: round(float(v), 3) for k, v in timings.items()}}
+        return replace(self, output=output, verify=verify, timings=merged)
+
+    # ------------------------------------------------------------------ JSON
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], path: str | None = None) -> LineageRecord:
+        if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+            got = data.get("schema") if isinstance(data, dict) else type(data).__name__
+            raise CkptError(path, f"not a lineage record (schema {got!r}, expected {SCHEMA!r})")
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        try:
+            values["source_files"] = [SourceFile(**f) for f in data.get("source_files", [])]
+            values["run"] = RunInfo(**(data.get("run") or {}))
+            if data.get("output"):
+                values["output"] = OutputInfo(**data["output"])
+            if data.get("verify"):
+                values["verify"] = VerifyInfo(**data["verify"])
+            return cls(**values)
+        except TypeError as exc:
+            raise CkptError(path, f"malformed lineage record: {exc}") from None
+
+    @classmethod
+    def from_json(cls, text: str | bytes, path: str | None = None) -> LineageRecord:
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise CkptError(path, f"lineage record is not JSON: {exc}") from None
+        return cls.from_dict(data, path)
+
+    # ------------------------------------------------------------------ summaries
+    def summary(self) -> dict[str, str]:
+        """A short flat view: the S3 object metadata, the asset metadata, the log line."""
+        out = {
+            "lineage-schema": self.schema,
+            "source": self.source,
+            "checkpoint": self.checkpoint or "",
+            "source-digest": self.source_digest,
+            "step": "" if self.step is None else str(self.step),
+            "epoch": "" if self.epoch is None else str(self.epoch),
+            "source-layout": f"tp{self.source_tp}-pp{self.source_pp}",
+            "target-layout": f"tp{self.target_tp}-pp{self.target_pp}",
+            "precision": self.precision,
+            "plan-digest": self.plan_digest,
+            "flow-run-id": self.run.flow_run_id or "",
+            "deployment": self.run.deployment_name or "",
+            "lineage": sidecar_url(self.destination).rsplit("/", 1)[-1],
+        }
+        if self.output is not None:
+            out["sha256"] = self.output.sha256
+        if self.verify is not None:
+            out["verify-max-abs-diff"] = f"{self.verify.max_abs_diff:.3g}"
+            out["verify-passed"] = str(self.verify.passed).lower()
+        return out
+
+    def object_metadata(self) -> dict[str, str]:
+        """:meth:`summary` made safe for S3 user metadata: ASCII, short values."""
+        meta = {}
+        for key, value in self.summary().items():
+            text = value.encode("ascii", "backslashreplace").decode("ascii")
+            if len(text) > _METADATA_VALUE_CHARS:
+                text = text[: _METADATA_VALUE_CHARS - 3] + "..."
+            meta[key] = text
+        return meta
+
+    def to_markdown(self) -> str:
+        """A human-readable page for the run's artifacts."""
+        out = self.output
+        ver = self.verify
+        rows = [
+            ("destination", f"`{self.destination}`"),
+            ("source", f"`{self.source}`"),
+            ("checkpoint", f"`{self.checkpoint}`" if self.checkpoint else "-"),
+            ("step / epoch", f"{self.step} / {self.epoch}"),
+            ("layout", f"TP={self.source_tp} PP={self.source_pp} -> TP={self.target_tp} PP={self.target_pp}"),
+            ("precision", self.precision),
+            ("source digest", f"`{self.source_digest}`"),
+            ("plan digest", f"`{self.plan_digest}`"),
+            ("output", f"{out.size_bytes:,} bytes, sha256 `{out.sha256}`" if out else "-"),
+            (
+                "verify",
+                f"{'passed' if ver.passed else 'FAILED'}: max |logit diff| {ver.max_abs_diff:.3g} "
+                f"<= {ver.tolerance:g} on {ver.images} images ({ver.device})"
+                if ver
+                else "not run",
+            ),
+            ("flow run", f"{self.run.flow_name}/{self.run.flow_run_name} (`{self.run.flow_run_id}`)"),
+            ("deployment", self.run.deployment_name or "-"),
+            ("versions", ", ".join(f"{k} {v}" for k, v in sorted(self.versions.items()))),
+            ("timings", ", ".join(f"{k} {v:.2f}s" for k, v in self.timings.items())),
+        ]  # fmt: skip
+        lines = [f"# Lineage of `{self.destination.rsplit('/', 1)[-1]}`", "", "| | |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in rows]
+        lines += ["", "## Source files", "", "| file | bytes | sha256 |", "|---|---:|---|"]
+        lines += [f"| `{f.url}` | {f.size_bytes:,} | `{f.sha256}` |" for f in self.source_files]
+        if self.notes:
+            lines += ["", "## Notes", ""] + [f"- {n}" for n in self.notes]
+        return "\n".join(lines) + "\n"
+
+
+def _git_commit(repo_dir: str) -> str | None:
+    if not os.path.exists(os.path.join(repo_dir, ".git")):
+        return None
+    try:
+        head = subprocess.run(
+            ["git", "-C", repo_dir, "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", repo_dir, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{head}-dirty" if dirty else head
+
+
+def _dist_version(name: str) -> str | None:
+    try:
+        return importlib_metadata.version(name)
+    except importlib_metadata.PackageNotFoundError:
+        return None
+
+
+def collect_versions(extra: tuple[str, ...] = ("prefect", "fsspec", "s3fs")) -> dict[str, str]:
+    """This project (with its git commit when run from a checkout), torch, python, and ``extra``.
+
+    Versions come from package metadata, so nothing is imported to ask.
+    """
+    repo_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    versions = {"python": platform.python_version()}
+    for name in (PROJECT, "torch", *extra):
+        v = _dist_version(name)
+        if v is not None:
+            versions[name] = v
+    commit = _git_commit(repo_dir)
+    if commit:
+        versions[f"{PROJECT}-git"] = commit
+    return versions
+
+
+__all__ = [
+    "LineageRecord",
+    "MEMBER_NAME",
+    "OutputInfo",
+    "RunInfo",
+    "SCHEMA",
+    "SIDECAR_SUFFIX",
+    "SourceFile",
+    "VerifyInfo",
+    "collect_versions",
+    "files_digest",
+    "sha256_file",
+    "sidecar_url",
+]
