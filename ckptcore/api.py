@@ -23,6 +23,7 @@ from ckptcore.formats.zipwriter import file_sink
 from ckptcore.output import atomic_output, check_destination
 from ckptcore.plan import Plan, build_plan
 from ckptcore.sources import Checkpoint, open_checkpoint
+from ckptcore.storage import get_fs, is_local
 
 Progress = Callable[[str, int], None]
 
@@ -110,14 +111,41 @@ def package_nemo(
     sources: list[str] = (),
     overwrite: bool = False,
 ) -> int:
-    """Write the archive of ``files`` ({member: path, bytes or producer}) to ``dest`` atomically."""
-    with atomic_output(dest, list(sources), overwrite) as tmp:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            size = nemo_fmt.write_nemo(file_sink(fd), files)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    """Write the archive of ``files`` ({member: path, bytes or producer}) to ``dest`` atomically.
+
+    Local: a temporary file beside ``dest``, fsynced, then renamed. Object storage: streamed as
+    a multipart upload while it is produced (no local copy); the object appears only when the
+    upload completes, and a failure aborts it.
+    """
+    if is_local(dest):
+        with atomic_output(dest, list(sources), overwrite) as tmp:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                size = nemo_fmt.write_nemo(file_sink(fd), files)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        return size
+    check_destination(dest, list(sources), overwrite)
+    fs, path = get_fs(dest)
+    total = sum(
+        m.size
+        if isinstance(m, nemo_fmt.MemberSource)
+        else len(m)
+        if isinstance(m, bytes)
+        else os.path.getsize(m)
+        for m in files.values()
+    )
+    part = max(16 << 20, -(-total // 9000))  # S3 allows 10,000 parts
+    out = fs.open(path, "wb", block_size=part)
+    try:
+        size = nemo_fmt.write_nemo(out.write, files)
+        out.close()
+    except BaseException:
+        discard = getattr(out, "discard", None)
+        if discard is not None:
+            discard()  # aborts the multipart upload: nothing appears at dest
+        raise
     return size
 
 

@@ -7,9 +7,11 @@ file-backed pages) and object storage answers with ranged GETs.
 
 from __future__ import annotations
 
+import collections
 import mmap
 import os
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -64,6 +66,11 @@ class Span:
     src: ByteSource
     offset: int
     length: int
+    crc: int | None = None  # the zip record's CRC-32, when the span is a whole record
+
+    @property
+    def remote(self) -> bool:
+        return hasattr(self.src, "plan_reads")
 
     def readinto(self, buf: memoryview, start: int = 0) -> None:
         """Fill ``buf`` with the span's bytes from ``start`` on."""
@@ -117,7 +124,16 @@ class LocalFile:
 
 
 class RemoteFile:
-    """An object in fsspec storage, read by byte ranges; counts the bytes it fetched."""
+    """An object in fsspec storage, read by byte ranges; counts the bytes it fetched.
+
+    ``plan_reads`` announces the ranges a job will read, in order: they are then fetched ahead,
+    a few at a time and within a memory bound, so downloads overlap with the writing that
+    consumes them; each range is dropped once read to its end. Other reads go straight through.
+    """
+
+    PREFETCH_BYTES = 256 << 20  # in flight or waiting to be consumed
+    PREFETCH_REQUESTS = 4  # parallel ranged GETs
+    PART = 64 << 20  # larger ranges are fetched in parts of this size
 
     def __init__(self, url: str, size: int | None = None) -> None:
         self.name = url
@@ -129,27 +145,84 @@ class RemoteFile:
                 raise CkptError(url, "file not found") from None
         self.size = size
         self.bytes_read = 0
+        self.requests = 0
         self._lock = threading.Lock()
+        self._planned: collections.deque[tuple[int, int]] = collections.deque()
+        self._ahead: dict[tuple[int, int], Future] = {}
+        self._ahead_bytes = 0
+        self._pool: ThreadPoolExecutor | None = None
 
     def read(self, offset: int, length: int) -> bytes:
         if length == 0:
             return b""
-        if offset < 0 or offset + length > self.size:
-            raise CkptError(
-                self.name, f"truncated: needs bytes {offset}..{offset + length}, has {self.size}"
-            )
+        _check_range(self.name, offset, length, self.size)
         data = self._fs.cat_file(self._path, start=offset, end=offset + length)
         with self._lock:
             self.bytes_read += len(data)
+            self.requests += 1
         if len(data) != length:
             raise CkptError(self.name, f"short read at {offset}: {len(data)} of {length} bytes")
         return data
 
+    # -- read-ahead -------------------------------------------------------------------------
+
+    def plan_reads(self, ranges: list[tuple[int, int]]) -> None:
+        """Announce ``(offset, length)`` ranges about to be read in this order."""
+        with self._lock:
+            for off, length in ranges:
+                for p in range(0, length, self.PART):
+                    self._planned.append((off + p, min(self.PART, length - p)))
+        self._fill()
+
+    def _fill(self) -> None:
+        with self._lock:
+            while self._planned and (
+                not self._ahead or self._ahead_bytes + self._planned[0][1] <= self.PREFETCH_BYTES
+            ):
+                rng = self._planned.popleft()
+                if rng in self._ahead:
+                    continue
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(
+                        self.PREFETCH_REQUESTS, thread_name_prefix="ckpt-get"
+                    )
+                self._ahead[rng] = self._pool.submit(self.read, *rng)
+                self._ahead_bytes += rng[1]
+
+    def _take(self, offset: int, length: int) -> tuple[tuple[int, int], Future] | None:
+        with self._lock:
+            for rng, fut in self._ahead.items():
+                if rng[0] <= offset and offset + length <= rng[0] + rng[1]:
+                    return rng, fut
+        return None
+
     def readinto(self, offset: int, buf: memoryview) -> None:
-        buf[:] = self.read(offset, len(buf))
+        done = 0
+        while done < len(buf):
+            hit = self._take(offset + done, 1)
+            if hit is None:
+                buf[done:] = self.read(offset + done, len(buf) - done)
+                return
+            (start, length), fut = hit
+            n = min(len(buf) - done, start + length - (offset + done))
+            data = fut.result()
+            lo = offset + done - start
+            buf[done : done + n] = memoryview(data)[lo : lo + n]
+            done += n
+            if lo + n == length:  # consumed to its end: release it, fetch more
+                with self._lock:
+                    if self._ahead.pop((start, length), None) is not None:
+                        self._ahead_bytes -= length
+                self._fill()
 
     def close(self) -> None:
-        pass
+        with self._lock:
+            self._planned.clear()
+            self._ahead.clear()
+            self._ahead_bytes = 0
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
 
 class SubRange:
@@ -168,6 +241,11 @@ class SubRange:
     def readinto(self, offset: int, buf: memoryview) -> None:
         _check_range(self.name, offset, len(buf), self.size)
         self.parent.readinto(self.base + offset, buf)
+
+    def plan_reads(self, ranges: list[tuple[int, int]]) -> None:
+        planner = getattr(self.parent, "plan_reads", None)
+        if planner is not None:
+            planner([(self.base + off, n) for off, n in ranges])
 
     def close(self) -> None:
         pass

@@ -45,6 +45,7 @@ class ZipRecord:
     compressed_size: int
     size: int
     method: int  # 0 = stored
+    crc: int = 0
 
 
 def read_zip_directory(src: ByteSource) -> dict[str, ZipRecord]:
@@ -85,6 +86,7 @@ def read_zip_directory(src: ByteSource) -> dict[str, ZipRecord]:
         if cd[p : p + 4] != _CENTRAL or p + 46 > len(cd):
             raise CkptError(src.name, "corrupt zip central directory")
         (method,) = struct.unpack("<H", cd[p + 10 : p + 12])
+        (crc,) = struct.unpack("<I", cd[p + 16 : p + 20])
         csize, usize = struct.unpack("<II", cd[p + 20 : p + 28])
         nlen, xlen, clen = struct.unpack("<HHH", cd[p + 28 : p + 34])
         (hoff,) = struct.unpack("<I", cd[p + 42 : p + 46])
@@ -93,7 +95,7 @@ def read_zip_directory(src: ByteSource) -> dict[str, ZipRecord]:
         usize, csize, hoff = _zip64_extra(extra, usize, csize, hoff)
         if name in records:
             raise CkptError(src.name, f"zip archive has two records named {name}")
-        records[name] = ZipRecord(name, hoff, csize, usize, method)
+        records[name] = ZipRecord(name, hoff, csize, usize, method, crc)
         p += 46 + nlen + xlen + clen
     return records
 
@@ -185,7 +187,9 @@ class TorchFile:
         if not ref.is_contiguous():
             raise ValueError("span() needs a contiguous tensor")
         start, length = self.byte_range(ref)
-        return Span(self.src, start, length)
+        rec = self.storage_record(ref.storage)
+        whole = ref.offset == 0 and length == rec.size
+        return Span(self.src, start, length, rec.crc if whole and rec.crc else None)
 
     def tensor(self, ref: TensorRef) -> torch.Tensor:
         """Read one tensor: a view of the mmap for local files, one ranged read for remote ones."""
