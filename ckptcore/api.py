@@ -145,6 +145,7 @@ def package_nemo(
         discard = getattr(out, "discard", None)
         if discard is not None:
             discard()  # aborts the multipart upload: nothing appears at dest
+            out.closed = True  # nothing left to flush; keeps __del__ from uploading
         raise
     return size
 
