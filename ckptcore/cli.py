@@ -187,20 +187,42 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from ckptcore.api import plan_conversion
     from ckptcore.sources import open_checkpoint
+    from ckptcore.workplan import estimate, work_items
 
-    with open_checkpoint(args.source, args.checkpoint) as ck:
+    if args.estimate:
+        from ckptcore.sample import shape_only_checkpoint
+
+        ck = shape_only_checkpoint(args.source, args.source_tp, args.source_pp)
+    else:
+        ck = open_checkpoint(args.source, args.checkpoint)
+    with ck:
         plan = plan_conversion(
             ck, args.target_tp, args.target_pp, args.precision, args.layers_per_stage
         )
-        out = plan.to_json()
+        items = work_items(ck, plan, with_ranges=args.json and not args.estimate)
+    estimates = [estimate(items, n, args.gbps) for n in args.workers_list] if args.estimate else []
     if args.json:
+        out = {
+            "plan": plan.to_json(),
+            "items": [i.to_dict() for i in items],
+            "estimates": estimates,
+        }
         print(json.dumps(out, indent=2, default=str))
         return 0
     print(
         f"{args.source}: TP={plan.source_tp} PP={plan.source_pp} -> TP={plan.target.tp} PP={plan.target.pp} ({plan.family})"
     )
-    for fp in plan.files:
-        print(f"  {fp.path:<45} {len(fp.tensors):>5} entries  writes {_human(fp.write_bytes)}")
+    print(f"{len(items)} work items (one per target rank file)")
+    for item in items if len(items) <= 64 else items[:32]:
+        print(
+            f"  {item.path:<45} {item.tensors:>5} tensors  reads {_human(item.read_bytes):>10}  writes {_human(item.write_bytes):>10}"
+        )
+    if len(items) > 64:
+        print(f"  ... {len(items) - 32} more")
+    total_r, total_w = sum(i.read_bytes for i in items), sum(i.write_bytes for i in items)
+    print(f"total: reads {_human(total_r)}, writes {_human(total_w)}")
+    for e in estimates:
+        print(f"  {e['workers']:>4} workers at {args.gbps:g} GB/s each: {e['seconds']:8.1f} s")
     return 0
 
 
@@ -365,11 +387,33 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(
         "plan",
         cmd_plan,
-        "Print the repartition plan: one work item per target rank file, with bytes written.",
-        "ckpt plan model.nemo --target-tp 2 --json",
+        "Print the repartition plan: one work item per target rank file, with the bytes it reads and writes.",
+        "ckpt plan model.nemo --target-tp 2 --json\n  ckpt plan vit-70b --estimate --source-tp 8 --source-pp 4 --target-tp 4 --target-pp 8",
     )
-    p.add_argument("source")
+    p.add_argument(
+        "source",
+        help="a checkpoint; with --estimate a size preset (tiny ... huge, vit-70b, vit-405b)",
+    )
     p.add_argument("--checkpoint", default="last")
+    p.add_argument(
+        "--estimate",
+        action="store_true",
+        help="plan a hypothetical model of a size preset (no files) and estimate wall times",
+    )
+    p.add_argument("--source-tp", type=_positive, default=1, help="with --estimate: the source TP")
+    p.add_argument("--source-pp", type=_positive, default=1, help="with --estimate: the source PP")
+    p.add_argument(
+        "--gbps",
+        type=float,
+        default=1.0,
+        help="with --estimate: bytes moved per worker, GB/s (default 1)",
+    )
+    p.add_argument(
+        "--workers-list",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=[1, 4, 16, 64],
+        help="with --estimate: worker counts (default 1,4,16,64)",
+    )
     _add_target(p)
 
     p = add(

@@ -282,3 +282,57 @@ def write_nemo(
     plan = build_plan(ck, tp, pp)
     package_nemo(nemo_members(ck, plan, allow_nonfinite=True), path, overwrite=True)
     return full
+
+
+# Shape-only presets for planning at scale (ViT-shaped, sized like today's large LLMs).
+PLANNING_SIZES = {
+    "vit-70b": dict(hidden=8192, layers=80, heads=64, ffn=28672, patch=16, img=224, classes=1000),
+    "vit-405b": dict(
+        hidden=16384, layers=126, heads=128, ffn=53248, patch=16, img=224, classes=1000
+    ),
+}
+
+
+def shape_only_checkpoint(
+    preset: str, tp: int = 1, pp: int = 1, dtype: torch.dtype = torch.bfloat16
+) -> Checkpoint:
+    """A checkpoint of ``preset`` size split to TP x PP whose tensors have shapes but no data:
+    enough to build plans and work items for models far larger than this machine's memory."""
+    from ckptcore.errors import CkptError
+    from ckptcore.sources import LazyTensor
+
+    if preset in PLANNING_SIZES:
+        cfg = vit_config("tiny", **PLANNING_SIZES[preset], dtype=dtype)
+    elif preset in SIZES:
+        cfg = vit_config(preset, dtype=dtype)
+    else:
+        raise CkptError(
+            None,
+            f"unknown size preset {preset!r} (choose from {', '.join([*SIZES, *PLANNING_SIZES])})",
+        )
+
+    def no_data() -> torch.Tensor:
+        raise CkptError(None, "a shape-only checkpoint has no tensor data")
+
+    full = collections.OrderedDict(
+        (k, None if s is None else LazyTensor(dtype, tuple(s), no_data))
+        for k, s in expected_shapes(cfg, tp=1).items()
+    )
+    ck1 = Checkpoint.from_state_dicts(
+        dict(cfg, tensor_model_parallel_size=1, pipeline_model_parallel_size=1),
+        {(0, 0): full},
+        url=preset,
+    )
+    if tp == 1 and pp == 1:
+        return ck1
+    from ckptcore.plan import build_plan
+
+    plan = build_plan(ck1, tp, pp)
+    shards = {}
+    for fp in plan.files:
+        shards[(fp.tp_rank, fp.pp_rank)] = collections.OrderedDict(
+            (t.key, None if t.spec is None else LazyTensor(t.spec.dtype, t.spec.shape, no_data))
+            for t in fp.tensors
+        )
+    cfg = dict(cfg, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    return Checkpoint.from_state_dicts(cfg, shards, url=preset)

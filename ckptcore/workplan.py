@@ -1,0 +1,79 @@
+"""Work items: a plan's target rank files as independent jobs, with the bytes each reads and writes.
+
+``work_items(ck, plan)`` gives, per target rank file, the exact source byte ranges it reads (file,
+offset, length; merged where adjacent) and the size of the file it writes: JSON-serialisable, so a
+scheduler can hand items to different machines. ``estimate`` turns items into an expected wall
+time for N workers of a given bandwidth (greedy longest-first assignment).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from ckptcore.engine import file_layout, planned_reads
+from ckptcore.plan import Plan
+from ckptcore.sources import Checkpoint
+
+
+@dataclass
+class WorkItem:
+    path: str  # the target rank file inside the .nemo
+    tp_rank: int
+    pp_rank: int
+    tensors: int
+    read_bytes: int
+    write_bytes: int
+    reads: list[tuple[str, int, int]] = field(default_factory=list)  # (file, offset, length)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _merge(ranges: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
+    out: list[tuple[str, int, int]] = []
+    for name, off, n in sorted(ranges):
+        if out and out[-1][0] == name and out[-1][1] + out[-1][2] >= off:
+            end = max(out[-1][1] + out[-1][2], off + n)
+            out[-1] = (name, out[-1][1], end - out[-1][1])
+        else:
+            out.append((name, off, n))
+    return out
+
+
+def work_items(ck: Checkpoint, plan: Plan, with_ranges: bool = True) -> list[WorkItem]:
+    items = []
+    for fp in plan.files:
+        ranges: list[tuple[str, int, int]] = []
+        unknown = 0
+        for tt in fp.tensors:
+            spans = planned_reads(ck, tt)
+            if tt.spec is not None and not spans:
+                unknown += tt.nbytes  # computed or in-memory sources: counted as what they produce
+            for span in spans:
+                base = getattr(span.src, "base", 0)
+                name = getattr(getattr(span.src, "parent", None), "name", None) or span.src.name
+                ranges.append((name, base + span.offset, span.length))
+        merged = _merge(ranges)
+        items.append(
+            WorkItem(
+                path=fp.path,
+                tp_rank=fp.tp_rank,
+                pp_rank=fp.pp_rank,
+                tensors=sum(1 for t in fp.tensors if t.spec is not None),
+                read_bytes=sum(n for _, _, n in merged) + unknown,
+                write_bytes=file_layout(fp).size,
+                reads=merged if with_ranges else [],
+            )
+        )
+    return items
+
+
+def estimate(items: list[WorkItem], workers: int, gbps_per_worker: float) -> dict:
+    """Expected wall time: items assigned longest first to the least-loaded worker; each worker
+    moves read + write bytes at ``gbps_per_worker``."""
+    loads = [0] * max(1, workers)
+    for item in sorted(items, key=lambda i: i.read_bytes + i.write_bytes, reverse=True):
+        k = loads.index(min(loads))
+        loads[k] += item.read_bytes + item.write_bytes
+    seconds = max(loads) / (gbps_per_worker * 1e9)
+    return {"workers": workers, "seconds": seconds, "busiest_worker_bytes": max(loads)}
