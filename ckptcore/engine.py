@@ -20,7 +20,7 @@ import torch
 from ckptcore.dtypes import BY_NAME
 from ckptcore.errors import CkptError
 from ckptcore.formats.torchzip import StateDictLayout
-from ckptcore.formats.zipwriter import Sink, file_sink
+from ckptcore.formats.zipwriter import FileRange, Sink, file_sink
 from ckptcore.plan import FilePlan, Piece, Plan, TargetTensor
 from ckptcore.sources import Checkpoint
 from ckptcore.storage import Span
@@ -231,31 +231,46 @@ def announce_reads(ck: Checkpoint, fp: FilePlan) -> None:
         src.plan_reads(ranges)  # type: ignore[attr-defined]
 
 
-def stream_blocks(
-    chunks: list[Chunk],
-    dtype: torch.dtype,
-    scratch: Scratch | None,
-    check_finite: bool,
-    on_bad: Callable[[], Exception],
-) -> Iterator[memoryview]:
-    """The chunks' bytes in cache-sized blocks (each valid until the next), NaN/Inf-checked."""
-    block = memoryview(
-        scratch.take(BLOCK, "block") if scratch is not None else np.empty(BLOCK, np.uint8)
-    )
+def stream_blocks(chunks: list[Chunk], scratch: Scratch | None) -> Iterator[memoryview | FileRange]:
+    """The chunks' bytes: local file ranges whole (the writer copies them in the kernel), other
+    spans in cache-sized blocks read into one reused buffer (each valid until the next)."""
+    block = None
     for chunk in chunks:
         if isinstance(chunk, Span):
+            local = chunk.local()
+            if local is not None:
+                src, offset = local
+                yield FileRange(
+                    src.fd,
+                    offset,
+                    chunk.length,
+                    lambda src=src, o=offset, n=chunk.length: src.read(o, n),
+                )
+                continue
+            if block is None:
+                block = memoryview(
+                    scratch.take(BLOCK, "block")
+                    if scratch is not None
+                    else np.empty(BLOCK, np.uint8)
+                )
             for off in range(0, chunk.length, BLOCK):
                 view = block[: min(BLOCK, chunk.length - off)]
                 chunk.readinto(view, off)
-                if check_finite and _has_nonfinite(view, dtype):
-                    raise on_bad()
                 yield view
         else:
             for off in range(0, len(chunk), BLOCK):
-                view = chunk[off : off + BLOCK]
-                if check_finite and _has_nonfinite(view, dtype):
-                    raise on_bad()
-                yield view
+                yield chunk[off : off + BLOCK]
+
+
+def nonfinite_check(ck: Checkpoint, tt: TargetTensor) -> Callable[[memoryview], None]:
+    """A scan for NaN/Inf over bytes of ``tt``'s dtype; raises the user-facing error."""
+    dtype = tt.spec.dtype if tt.spec is not None else None
+
+    def check(buf: memoryview) -> None:
+        if _has_nonfinite(buf, dtype):
+            raise _nonfinite_error(ck, tt)
+
+    return check
 
 
 def make_tensor(
@@ -341,10 +356,8 @@ def write_rank(
         chunks = tensor_chunks(ck, tt, scratch)
         if chunks is None:
             return make_tensor(ck, tt, allow_nonfinite, scratch)
-        blocks = stream_blocks(
-            chunks, tt.spec.dtype, scratch, not allow_nonfinite, lambda: _nonfinite_error(ck, tt)
-        )
-        return blocks, None
+        check = None if allow_nonfinite else nonfinite_check(ck, tt)
+        return stream_blocks(chunks, scratch), None, check
 
     return layout.write(sink, fill, on_tensor)
 

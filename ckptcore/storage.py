@@ -76,6 +76,13 @@ class Span:
         """Fill ``buf`` with the span's bytes from ``start`` on."""
         self.src.readinto(self.offset + start, buf)
 
+    def local(self) -> tuple[LocalFile, int] | None:
+        """The local file and absolute offset holding this span, if it is on local disk."""
+        src, offset = self.src, self.offset
+        while isinstance(src, SubRange):
+            src, offset = src.parent, src.base + offset
+        return (src, offset) if isinstance(src, LocalFile) else None
+
 
 def _check_range(name: str, offset: int, length: int, size: int) -> None:
     if offset < 0 or length < 0 or offset + length > size:
@@ -99,6 +106,10 @@ class LocalFile:
         self._mm = (
             mmap.mmap(self._fd, self.size, access=mmap.ACCESS_COPY) if self.size > 0 else None
         )
+
+    @property
+    def fd(self) -> int:
+        return self._fd
 
     def read(self, offset: int, length: int) -> memoryview:
         if length == 0:

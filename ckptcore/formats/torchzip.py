@@ -356,19 +356,22 @@ class StateDictLayout:
         on_tensor: Callable[[str, int], None] | None = None,
     ) -> int:
         """Stream the file into ``sink``. ``fill(key)`` gives a contiguous tensor, or a
-        ``(chunks, crc)`` pair: buffers whose bytes are the tensor, and its CRC-32 (an int, a
-        callable returning it, or None to compute it here)."""
+        ``(chunks, crc[, check])`` tuple: buffers or file ranges whose bytes are the tensor, its
+        CRC-32 (an int, a callable returning it, or None to compute it here), and a function
+        run over every byte written (a NaN scan)."""
         w = TorchZipWriter(sink, self.archive_name, len(self.tensors))
         w.write_bytes("data.pkl", self.pkl)
         for name, data in _HEADER_RECORDS:
             w.write_bytes(name, data)
         for index, (key, spec) in enumerate(self.tensors):
             produced = fill(key)
+            check = None
             if isinstance(produced, tuple):
-                chunks, crc = produced
+                chunks, crc, *rest = produced
+                check = rest[0] if rest else None
             else:
                 chunks, crc = [tensor_bytes(produced, spec, key)], None
-            w.write_record(f"data/{index}", spec.nbytes, chunks, crc)
+            w.write_record(f"data/{index}", spec.nbytes, chunks, crc, check)
             if on_tensor is not None:
                 on_tensor(key, spec.nbytes)
         w.finish()

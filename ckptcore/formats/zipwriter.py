@@ -79,6 +79,28 @@ def _record_name_hash(num_storages: int) -> str:
     )
 
 
+class FileRange:
+    """Bytes of a local file: copied by the kernel when the sink is a file, else read."""
+
+    __slots__ = ("fd", "offset", "length", "_view")
+
+    def __init__(self, fd: int, offset: int, length: int, view: Callable[[], memoryview]) -> None:
+        self.fd, self.offset, self.length, self._view = fd, offset, length, view
+
+    def __len__(self) -> int:
+        return self.length
+
+    def view(self) -> memoryview:
+        return self._view()
+
+
+def _scan(data, running: int | None, check: Callable[[memoryview], None] | None) -> int | None:
+    """CRC-32 (when ``running`` is given) and ``check`` over a buffer, off the writing thread."""
+    if check is not None:
+        check(data)
+    return None if running is None else zlib.crc32(data, running)
+
+
 class _Entry:
     __slots__ = ("name", "offset", "size", "crc")
 
@@ -136,15 +158,21 @@ class TorchZipWriter:
         self,
         name: str,
         size: int,
-        chunks: Iterable[bytes | memoryview] = (),
+        chunks: Iterable[bytes | memoryview | int | FileRange] = (),
         crc: int | Callable[[], int] | None = None,
+        check: Callable[[memoryview], None] | None = None,
     ) -> None:
-        """One record of ``size`` bytes from ``chunks``; ``crc`` a value or a callable giving it."""
+        """One record of ``size`` bytes from ``chunks``; ``crc`` a value or a callable giving it.
+
+        Chunks are buffers, or :class:`FileRange` s that a file sink copies in the kernel while
+        the CRC (and ``check``, e.g. a NaN scan) runs on the other core over the same bytes.
+        """
         full, offset = self.begin_record(name)
         header, wide = self._local_header(full, size)
         self._emit(header)
         written = 0
         running = 0
+        copier = getattr(self.sink, "copy_range", None)
         for chunk in chunks:
             if isinstance(chunk, int):  # a hole: the sink seeks (sparse files; tests)
                 if self.sink is not None:
@@ -152,12 +180,30 @@ class TorchZipWriter:
                 self.pos += chunk
                 written += chunk
                 continue
-            if crc is None and self._pool is not None and len(chunk) >= _PARALLEL_MIN:
-                # CRC on the other core while this one writes the same bytes
-                pending = self._pool.submit(zlib.crc32, chunk, running)
+            if isinstance(chunk, FileRange):
+                if copier is None:
+                    chunk = chunk.view()
+                else:
+                    pending = self._pool.submit(
+                        _scan, chunk.view(), running if crc is None else None, check
+                    )
+                    copier(chunk.fd, chunk.offset, chunk.length)
+                    self.pos += chunk.length
+                    written += chunk.length
+                    result = pending.result()
+                    if crc is None:
+                        running = result
+                    continue
+            if self._pool is not None and len(chunk) >= _PARALLEL_MIN:
+                # CRC (and check) on the other core while this one writes the same bytes
+                pending = self._pool.submit(_scan, chunk, running if crc is None else None, check)
                 self._emit(chunk)
-                running = pending.result()
+                result = pending.result()
+                if crc is None:
+                    running = result
             else:
+                if check is not None:
+                    check(chunk)
                 self._emit(chunk)
                 if crc is None:
                     running = zlib.crc32(chunk, running)
@@ -260,13 +306,37 @@ def archive_size(archive_name: str, records: list[tuple[str, int]], num_storages
     return w.pos
 
 
-def file_sink(fd: int) -> Sink:
-    """A sink writing to a file descriptor, handling short writes."""
+class FileSink:
+    """A sink writing to a file descriptor; ``copy_range`` copies file bytes in the kernel."""
 
-    def write(data: bytes | memoryview) -> None:
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._kernel_copy = hasattr(os, "copy_file_range")
+
+    def __call__(self, data: bytes | memoryview) -> None:
         view = memoryview(data).cast("B")
         while len(view):
-            n = os.write(fd, view)
+            n = os.write(self.fd, view)
             view = view[n:]
 
-    return write
+    def copy_range(self, src_fd: int, offset: int, length: int) -> None:
+        done = 0
+        while done < length:
+            n = 0
+            if self._kernel_copy:
+                try:
+                    n = os.copy_file_range(src_fd, self.fd, length - done, offset + done)
+                except OSError:
+                    self._kernel_copy = False  # another filesystem or kernel: copy by hand
+            if n <= 0:
+                chunk = os.pread(src_fd, min(length - done, 8 << 20), offset + done)
+                if not chunk:
+                    raise OSError(f"source shrank while copying at {offset + done}")
+                self(chunk)
+                n = len(chunk)
+            done += n
+
+
+def file_sink(fd: int) -> FileSink:
+    """A sink writing to a file descriptor, handling short writes."""
+    return FileSink(fd)
