@@ -164,42 +164,70 @@ def convert(
     progress: Progress | None = None,
     extra_members: dict[str, bytes] | None = None,
 ) -> ConvertReport:
-    """Any supported checkpoint -> a ``.nemo`` at ``dest``, repartitioned to the target TP/PP.
-
-    With one worker the rank files stream straight into the archive (each byte written once);
-    with more, they are written in parallel to a staging folder and then packed.
-    """
+    """Any supported checkpoint -> a ``.nemo`` at ``dest``, repartitioned to the target TP/PP."""
     start = time.perf_counter()
     check_destination(dest, [source], overwrite)
     with open_checkpoint(source, checkpoint) as ck:
         plan = plan_conversion(ck, target_tp, target_pp, precision, layers_per_stage)
-        with tempfile.TemporaryDirectory(prefix="ckpt-stage-") as stage:
-            if workers > 1 and len(plan.files) > 1:
-                files: dict[str, nemo_fmt.MemberData] = dict(
-                    write_rank_files(ck, plan, stage, workers, allow_nonfinite, progress)
-                )
-            else:
-                files = nemo_members(ck, plan, allow_nonfinite, progress)
-            files.update(extra_members or {})
-            size = package_nemo(files, dest, [source], overwrite)
-        return ConvertReport(
-            source=source,
-            destination=dest,
-            source_kind=ck.kind,
-            source_tp=ck.tp,
-            source_pp=ck.pp,
-            target_tp=plan.target.tp,
-            target_pp=plan.target.pp,
-            precision=str(plan.config.get("precision")),
-            step=ck.step,
-            epoch=ck.epoch,
-            checkpoint_name=ck.name,
-            tensor_bytes=sum(f.write_bytes for f in plan.files),
-            output_bytes=size,
-            seconds=time.perf_counter() - start,
-            plan_digest=plan.digest(),
-            notes=list(ck.notes),
+        return write_converted(
+            ck,
+            plan,
+            source,
+            dest,
+            overwrite,
+            workers,
+            allow_nonfinite,
+            progress,
+            extra_members,
+            start,
         )
+
+
+def write_converted(
+    ck: Checkpoint,
+    plan: Plan,
+    source: str,
+    dest: str,
+    overwrite: bool = False,
+    workers: int = 1,
+    allow_nonfinite: bool = False,
+    progress: Progress | None = None,
+    extra_members: dict[str, bytes] | None = None,
+    start: float | None = None,
+) -> ConvertReport:
+    """Execute ``plan`` over ``ck`` into the ``.nemo`` at ``dest``; the report of it.
+
+    With one worker the rank files stream straight into the archive (each byte written once);
+    with more, they are written in parallel to a staging folder and then packed.
+    """
+    start = time.perf_counter() if start is None else start
+    with tempfile.TemporaryDirectory(prefix="ckpt-stage-") as stage:
+        if workers > 1 and len(plan.files) > 1:
+            files: dict[str, nemo_fmt.MemberData] = dict(
+                write_rank_files(ck, plan, stage, workers, allow_nonfinite, progress)
+            )
+        else:
+            files = nemo_members(ck, plan, allow_nonfinite, progress)
+        files.update(extra_members or {})
+        size = package_nemo(files, dest, [source], overwrite)
+    return ConvertReport(
+        source=source,
+        destination=dest,
+        source_kind=ck.kind,
+        source_tp=ck.tp,
+        source_pp=ck.pp,
+        target_tp=plan.target.tp,
+        target_pp=plan.target.pp,
+        precision=str(plan.config.get("precision")),
+        step=ck.step,
+        epoch=ck.epoch,
+        checkpoint_name=ck.name,
+        tensor_bytes=sum(f.write_bytes for f in plan.files),
+        output_bytes=size,
+        seconds=time.perf_counter() - start,
+        plan_digest=plan.digest(),
+        notes=list(ck.notes),
+    )
 
 
 def load_state_dict(source: str | Checkpoint, checkpoint: str = "last") -> tuple[dict, dict]:

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ckptcore.api import ConvertReport, Progress, package_nemo, write_rank_files
+from ckptcore.api import ConvertReport, Progress, write_converted
 from ckptcore.community import hf as hf_fmt
 from ckptcore.community import timm as timm_fmt
 from ckptcore.community.mapping import (
@@ -179,28 +179,7 @@ def import_hf(
         if dtype is not None:
             ck.config["megatron_amp_O2"] = dtype != torch.float32
         plan = build_plan(ck, target_tp, target_pp, None, dtype)
-        with tempfile.TemporaryDirectory(prefix="ckpt-stage-") as stage:
-            files = write_rank_files(ck, plan, stage, progress=progress)
-            tensor_bytes = sum(f.write_bytes for f in plan.files)
-            size = package_nemo(files, dest, [source], overwrite)
-        return ConvertReport(
-            source=source,
-            destination=dest,
-            source_kind=ck.kind,
-            source_tp=ck.tp,
-            source_pp=ck.pp,
-            target_tp=plan.target.tp,
-            target_pp=plan.target.pp,
-            precision=str(plan.config.get("precision")),
-            step=None,
-            epoch=None,
-            checkpoint_name=None,
-            tensor_bytes=tensor_bytes,
-            output_bytes=size,
-            seconds=time.perf_counter() - start,
-            plan_digest=plan.digest(),
-            notes=list(ck.notes),
-        )
+        return write_converted(ck, plan, source, dest, overwrite, progress=progress, start=start)
 
 
 # --------------------------------------------------------------------------------------------
