@@ -35,3 +35,19 @@ bench: venv
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info demo-out
+
+# The local stack (deployments/README.md): Prefect server, moto S3, work pools, deployments,
+# one worker per pool, all on 127.0.0.1; `make stop` stops exactly what `make serve` started.
+STACK_ENV ?= $(or $(CKPT_STACK_DIR),deployments/.run)/env
+
+.PHONY: serve stop demo-s3
+
+serve: venv
+	deployments/serve.sh
+
+stop:
+	deployments/stop.sh
+
+demo-s3: venv
+	@test -f $(STACK_ENV) || { echo "make demo-s3: no $(STACK_ENV); run make serve first" >&2; exit 1; }
+	. $(abspath $(STACK_ENV)) && $(PY) -m flows.demo --s3

@@ -7,7 +7,6 @@ peak RssFile and peak VmRSS (bytes), summed over the process and its children, s
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -40,7 +39,7 @@ def _children(pid: int) -> list[int]:
 
 def run(cmd: list[str], env: dict | None = None) -> dict:
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
     peak = {"RssAnon": 0, "RssFile": 0, "VmRSS": 0}
     while proc.poll() is None:
         total = {"RssAnon": 0, "RssFile": 0, "VmRSS": 0}

@@ -33,7 +33,11 @@ def main(src: str, dest: str, target_tp: int) -> None:
             folder = f"mp_rank_{t:02d}" if pp == 1 else f"tp_rank_{t:02d}_pp_rank_{p:03d}"
             return os.path.join(tmp, folder, "model_weights.ckpt")
 
-        shards = {(t, p): torch.load(path(t, p), map_location="cpu", weights_only=True) for p in range(pp) for t in range(tp)}
+        shards = {
+            (t, p): torch.load(path(t, p), map_location="cpu", weights_only=True)
+            for p in range(pp)
+            for t in range(tp)
+        }
         merged: dict = {}
         offset = 0
         for p in range(pp):

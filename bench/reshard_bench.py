@@ -39,7 +39,10 @@ def make_sources(out: str, gb: float) -> dict[str, str]:
 
     layers = max(2, round(gb * 1e9 / LAYER_BYTES / 2) * 2)
     cfg = vit_config("large", layers=layers)
-    paths = {"tp4": os.path.join(out, f"src_{gb}gb_tp4.nemo"), "tp2pp2": os.path.join(out, f"src_{gb}gb_tp2pp2.nemo")}
+    paths = {
+        "tp4": os.path.join(out, f"src_{gb}gb_tp4.nemo"),
+        "tp2pp2": os.path.join(out, f"src_{gb}gb_tp2pp2.nemo"),
+    }
     if all(os.path.exists(p) for p in paths.values()):
         return paths
     torch.manual_seed(0)
@@ -93,10 +96,16 @@ def measure(cmd: list[str], dest: str, cold: bool, repeat: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="1.2", help="comma-separated model sizes in GB (fp32 weights)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--sizes", default="1.2", help="comma-separated model sizes in GB (fp32 weights)"
+    )
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--cold", action="store_true", help="drop the page cache before each run (root)")
+    ap.add_argument(
+        "--cold", action="store_true", help="drop the page cache before each run (root)"
+    )
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--cases", default="tp4-tp2,tp4-tp1,tp2pp2-tp1")
     ap.add_argument("--skip-naive", action="store_true")
@@ -121,7 +130,10 @@ def main() -> None:
                 res = measure(cmd, dest, args.cold, args.repeat)
                 res["gbps"] = nbytes / res["seconds"] / 1e9
                 row[name] = res
-                print(f"# {gb} GB {case} {name}: {res['seconds']:.2f} s, anon {res['peak_anon'] / 1e6:.0f} MB", file=sys.stderr)
+                print(
+                    f"# {gb} GB {case} {name}: {res['seconds']:.2f} s, anon {res['peak_anon'] / 1e6:.0f} MB",
+                    file=sys.stderr,
+                )
             if os.path.exists(dest):
                 os.remove(dest)
             rows.append(row)
@@ -141,7 +153,11 @@ def table(rows: list[dict], cold: bool) -> str:
                 continue
             r = row[tool]
             vs_cp = r["seconds"] / row["cp"]["seconds"]
-            vs_naive = f"{row['naive']['seconds'] / r['seconds']:.1f}x faster" if "naive" in row and tool == "ckpt" else ""
+            vs_naive = (
+                f"{row['naive']['seconds'] / r['seconds']:.1f}x faster"
+                if "naive" in row and tool == "ckpt"
+                else ""
+            )
             lines.append(
                 f"| {row['bytes'] / 1e9:.2f} GB | {row['case']} | {tool} | {r['seconds']:.2f} ({r['seconds_min']:.2f}-{r['seconds_max']:.2f}) | "
                 f"{r['gbps']:.2f} | {r['peak_anon'] / 1e6:.0f} | {r['peak_file'] / 1e6:.0f} | {vs_cp:.2f}x | {vs_naive} |"

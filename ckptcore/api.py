@@ -17,7 +17,7 @@ import torch
 
 from ckptcore.dtypes import dtype_info, parse_precision
 from ckptcore.engine import execute, file_layout, materialize, write_rank
-from ckptcore.errors import CkptError
+from ckptcore.errors import CkptError, storage_error
 from ckptcore.formats import nemo as nemo_fmt
 from ckptcore.formats.zipwriter import file_sink
 from ckptcore.output import atomic_output, check_destination
@@ -137,14 +137,30 @@ def package_nemo(
         for m in files.values()
     )
     part = max(16 << 20, -(-total // 9000))  # S3 allows 10,000 parts
-    out = fs.open(path, "wb", block_size=part)
     try:
-        size = nemo_fmt.write_nemo(out.write, files)
-        out.close()
+        out = fs.open(path, "wb", block_size=part)
+    except Exception as exc:
+        raise storage_error(dest, "upload failed", exc) from exc
+
+    def sink(data: bytes | memoryview) -> None:
+        try:
+            out.write(data)
+        except Exception as exc:
+            raise storage_error(dest, "upload failed", exc) from exc
+
+    try:
+        size = nemo_fmt.write_nemo(sink, files)
+        try:
+            out.close()
+        except Exception as exc:
+            raise storage_error(dest, "upload failed", exc) from exc
     except BaseException:
         discard = getattr(out, "discard", None)
         if discard is not None:
-            discard()  # aborts the multipart upload: nothing appears at dest
+            try:
+                discard()  # aborts the multipart upload: nothing appears at dest
+            except Exception:
+                pass  # the upload never completes without its final request either
             out.closed = True  # nothing left to flush; keeps __del__ from uploading
         raise
     return size
@@ -203,9 +219,13 @@ def write_converted(
     start = time.perf_counter() if start is None else start
     with tempfile.TemporaryDirectory(prefix="ckpt-stage-") as stage:
         if workers > 1 and len(plan.files) > 1:
-            files: dict[str, nemo_fmt.MemberData] = dict(
-                write_rank_files(ck, plan, stage, workers, allow_nonfinite, progress)
-            )
+            try:
+                staged = write_rank_files(ck, plan, stage, workers, allow_nonfinite, progress)
+            except OSError as exc:
+                raise CkptError(
+                    dest, f"cannot write the staging folder {stage}: {exc.strerror or exc}"
+                ) from None
+            files: dict[str, nemo_fmt.MemberData] = dict(staged)
         else:
             files = nemo_members(ck, plan, allow_nonfinite, progress)
         files.update(extra_members or {})

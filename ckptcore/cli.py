@@ -1,7 +1,10 @@
 """``ckpt``: the command line over ckptcore. Each command parses, makes one ckptcore call, prints.
 
-User errors (:class:`CkptError`) print one line ``ckpt: error: <file>: <problem>`` and exit 2;
-anything else is a bug and keeps its traceback.
+User errors (:class:`CkptError`) print one line ``ckpt: error: <file>: <problem>`` and exit 2,
+as do malformed arguments. Storage that fails to answer (:class:`StorageError`: a dropped
+connection, a server error; worth retrying) prints one line and exits 75 (``EX_TEMPFAIL``); an
+``OSError`` of the machine (a full disk while staging) prints one line and exits 1. Anything else
+is a bug and keeps its traceback. Nothing is left at the destination in any of these cases.
 """
 
 from __future__ import annotations
@@ -10,9 +13,11 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
-from ckptcore.errors import CkptError
+from ckptcore.errors import CkptError, StorageError, describe
+
+EX_TEMPFAIL = 75  # sysexits.h: a temporary failure, the user is invited to retry
 
 EPILOG = """\
 examples:
@@ -303,14 +308,23 @@ def _add_write(p: argparse.ArgumentParser) -> None:
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line too: ``ckpt CMD: error: ... (see ckpt CMD --help)``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ckpt",
         description="Load, convert, import and repartition NeMo Megatron checkpoints on one CPU process.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(
+        dest="command", metavar="COMMAND", required=True, parser_class=_Parser
+    )
 
     def add(
         name: str, func: Callable[[argparse.Namespace], int], help_: str, example: str
@@ -460,6 +474,13 @@ def main(argv: list[str] | None = None) -> int:
     except CkptError as exc:
         print(f"ckpt: error: {exc}", file=sys.stderr)
         return 2
+    except StorageError as exc:
+        print(f"ckpt: error: {exc} (storage failure; try again)", file=sys.stderr)
+        return EX_TEMPFAIL
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"ckpt: error: {where}{exc.strerror or describe(exc)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("ckpt: interrupted", file=sys.stderr)
         return 130

@@ -63,5 +63,7 @@ def parse_precision(value: str | int | None) -> torch.dtype | None:
     key = "keep" if value is None else str(value).lower()
     if key not in PRECISIONS:
         choices = "keep, 32, bf16, 16"
-        raise CkptError(None, f"unknown precision {value!r} (choose one of: {choices})")
+        raise CkptError(
+            None, f"unknown precision {value!r} (choose one of: {choices})", "--precision"
+        )
     return PRECISIONS[key]

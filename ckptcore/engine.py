@@ -309,6 +309,13 @@ def make_tensor(
             n = part.shape[tt.dim]
             out.narrow(tt.dim, offset, n).copy_(part)
             offset += n
+    if not allow_nonfinite and out.is_floating_point() and any(p.dtype != out.dtype for p in parts):
+        if not bool(torch.isfinite(out).all()):  # a cast to a narrower type overflowed
+            src = str(parts[0].dtype).removeprefix("torch.")
+            dst = str(out.dtype).removeprefix("torch.")
+            raise CkptError(
+                ck.url, f"{src} values overflow {dst} (pass --allow-nonfinite to keep Inf)", tt.key
+            )
     return out
 
 

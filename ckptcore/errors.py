@@ -22,3 +22,44 @@ class CkptError(Exception):
 
     def __reduce__(self):  # picklable across process pools
         return (CkptError, (self.path, self.problem, self.key))
+
+
+class StorageError(Exception):
+    """Storage failed to answer (network drop, server error, timeout): not the input's fault.
+
+    One line like :class:`CkptError` (``<url>: <problem>``), but deliberately *not* a
+    ``CkptError``: the same call may succeed when retried. It is raised ``from`` the storage
+    library's exception, so retry policies can judge that cause (``tasks.retry``).
+    """
+
+    def __init__(self, path: str | None, problem: str) -> None:
+        self.path = path
+        self.problem = problem
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        return ": ".join(p for p in (self.path, self.problem) if p)
+
+    def __reduce__(self):
+        return (StorageError, (self.path, self.problem))
+
+
+# Failures that say something about the request, not the connection: retrying cannot help.
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def describe(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message on one bounded line (its type name when it has none)."""
+    message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    text = " ".join(str(message).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def storage_error(path: str, doing: str, exc: BaseException) -> CkptError | StorageError:
+    """The error to raise (``from exc``) when storage fails while ``doing`` something to ``path``:
+    a ``CkptError`` for a missing object or a refused permission, else a ``StorageError``."""
+    if isinstance(exc, FileNotFoundError):
+        return CkptError(path, f"{doing}: not found")
+    if isinstance(exc, _PERMANENT):
+        return CkptError(path, f"{doing}: {exc.strerror or describe(exc)}")
+    return StorageError(path, f"{doing}: {describe(exc)}")

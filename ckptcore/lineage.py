@@ -227,7 +227,7 @@ class LineageRecord:
             ("output", f"{out.size_bytes:,} bytes, sha256 `{out.sha256}`" if out else "-"),
             (
                 "verify",
-                f"{'passed' if ver.passed else 'FAILED'}: max |logit diff| {ver.max_abs_diff:.3g} "
+                f"{'passed' if ver.passed else 'FAILED'}: max logit difference {ver.max_abs_diff:.3g} "
                 f"<= {ver.tolerance:g} on {ver.images} images ({ver.device})"
                 if ver
                 else "not run",

@@ -1,15 +1,33 @@
-"""Destinations: written under a temporary name and committed last, so nothing partial remains."""
+"""Destinations: written under a temporary name and committed last, so nothing partial remains.
+
+A local destination ``<dir>/<name>`` is written as ``<dir>/.<name>.tmp-XXXXXXXX``, fsynced and
+renamed over ``<name>`` at the end; on any error the work file is removed. For the whole write a
+run holds an exclusive lock: ``fcntl.flock`` on ``<dir>/.<name>.lock``, created beside the
+destination and removed when the run ends. A second run for the same destination does not wait:
+it fails at once with a ``CkptError`` naming the lock and the process holding it. A run killed
+with SIGKILL leaves its work file (and the lock file, whose lock died with the process); the next
+run for that destination takes the lock and removes them first, so they never accumulate.
+
+Object storage destinations (``s3://...``) have no lock: the archive is streamed as one multipart
+upload (``api.package_nemo``), and S3 makes an object visible only when its upload completes. Two
+runs writing the same key never interleave bytes; the last upload to complete wins.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import re
 import tempfile
 import uuid
 from collections.abc import Iterator
 
-from ckptcore.errors import CkptError
+from ckptcore.errors import CkptError, StorageError, storage_error
 from ckptcore.storage import get_fs, is_local, local_path
+
+# Files of a source folder that a conversion reads: never replaced by its output.
+_SOURCE_FILE = re.compile(r"(\.ckpt|/model_config\.yaml)$")
 
 
 def same_location(a: str, b: str) -> bool:
@@ -18,48 +36,175 @@ def same_location(a: str, b: str) -> bool:
     return a.rstrip("/") == b.rstrip("/")
 
 
+def _inside_source(dest: str, src: str) -> bool:
+    """``dest`` is an existing file the source folder ``src`` reads (a rank file, its config)."""
+    if not (is_local(dest) and is_local(src)):
+        return False
+    folder = os.path.realpath(local_path(src))
+    path = os.path.realpath(local_path(dest))
+    return (
+        os.path.isdir(folder)
+        and path.startswith(folder.rstrip("/") + "/")
+        and os.path.isfile(path)
+        and _SOURCE_FILE.search(path) is not None
+    )
+
+
 def check_destination(dest: str, sources: list[str], overwrite: bool) -> None:
     for src in sources:
         if same_location(dest, src):
             raise CkptError(dest, "destination is the source; write to another path")
+        if _inside_source(dest, src):
+            raise CkptError(dest, "destination is a file of the source; write to another path")
     fs, path = get_fs(dest)
-    if fs.exists(path):
+    try:
+        exists = fs.exists(path)
+        is_dir = exists and fs.isdir(path)
+    except Exception as exc:
+        raise storage_error(dest, "cannot check the destination", exc) from exc
+    if exists:
         if not overwrite:
             raise CkptError(dest, "destination already exists (pass --overwrite to replace it)")
-        if fs.isdir(path):
+        if is_dir:
             raise CkptError(dest, "destination is a directory")
+
+
+def work_files(final: str) -> tuple[str, re.Pattern]:
+    """The lock file beside a local destination, and the pattern of its work files."""
+    parent, name = os.path.split(final)
+    return (
+        os.path.join(parent, f".{name}.lock"),
+        re.compile(rf"^\.{re.escape(name)}\.tmp-[0-9a-f]{{8}}$"),
+    )
+
+
+@contextlib.contextmanager
+def destination_lock(dest: str) -> Iterator[str]:
+    """Hold the exclusive lock of the local destination ``dest``; yields the lock file's path.
+
+    Fails at once (``CkptError``) when another process or thread holds it. The lock file is
+    removed on release; a lock file whose holder died is taken over.
+    """
+    final = os.path.abspath(local_path(dest))
+    lock, _ = work_files(final)
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise CkptError(dest, f"cannot create the lock file {lock}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            os.close(fd)
+            raise CkptError(
+                dest,
+                f"another run is writing this destination (lock {lock} held{holder}); "
+                "wait for it to finish or choose another destination",
+            ) from None
+        # A finishing holder unlinks the file it locked: make sure ours is still the lock file.
+        try:
+            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield lock
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock)
+        os.close(fd)
+
+
+def _holder(fd: int) -> str:
+    try:
+        pid = int(os.pread(fd, 32, 0).decode().strip())
+    except (OSError, ValueError):
+        return ""
+    return f" by process {pid}"
+
+
+def remove_stale(final: str) -> list[str]:
+    """Remove the work files a killed run left beside ``final`` (call with the lock held)."""
+    parent = os.path.dirname(final)
+    _, pattern = work_files(final)
+    removed = []
+    for name in os.listdir(parent):
+        path = os.path.join(parent, name)
+        if pattern.match(name) and os.path.isfile(path) and not os.path.islink(path):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+                removed.append(path)
+    return removed
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
 def atomic_output(dest: str, sources: list[str] = (), overwrite: bool = False) -> Iterator[str]:
-    """Yield a local temporary file path; on success it becomes ``dest`` (rename or upload)."""
+    """Yield a local temporary file path; on success it becomes ``dest`` (rename or upload).
+
+    Local destinations are written under :func:`destination_lock`; see the module docstring.
+    A failed write (a full disk, a file-size limit) is a ``CkptError`` and leaves nothing.
+    """
     check_destination(dest, list(sources), overwrite)
-    if is_local(dest):
-        final = os.path.abspath(local_path(dest))
-        parent = os.path.dirname(final)
-        if not os.path.isdir(parent):
-            try:
-                os.makedirs(parent, exist_ok=True)
-            except OSError as exc:
-                raise CkptError(
-                    dest, f"cannot create the destination folder: {exc.strerror}"
-                ) from None
+    if not is_local(dest):
+        yield from _remote_output(dest)
+        return
+    final = os.path.abspath(local_path(dest))
+    parent = os.path.dirname(final)
+    if not os.path.isdir(parent):
+        try:
+            os.makedirs(parent, exist_ok=True)
+        except OSError as exc:
+            raise CkptError(dest, f"cannot create the destination folder: {exc.strerror}") from None
+    with destination_lock(dest):
+        check_destination(dest, list(sources), overwrite)  # another run may have committed
+        remove_stale(final)
         tmp = os.path.join(parent, f".{os.path.basename(final)}.tmp-{uuid.uuid4().hex[:8]}")
         try:
             yield tmp
             os.replace(tmp, final)
+            _fsync_dir(parent)
         except OSError as exc:
             raise CkptError(dest, f"cannot write: {exc.strerror or exc}") from None
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-        return
+
+
+def _remote_output(dest: str) -> Iterator[str]:
     fd, tmp = tempfile.mkstemp(prefix="ckpt-upload-", suffix=".tmp")
     os.close(fd)
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as exc:
+            raise CkptError(
+                dest, f"cannot write the local copy {tmp}: {exc.strerror or exc}"
+            ) from None
         fs, path = get_fs(dest)
-        fs.put_file(tmp, path)
+        try:
+            fs.put_file(tmp, path)
+        except (CkptError, StorageError):
+            raise
+        except Exception as exc:
+            raise storage_error(dest, "upload failed", exc) from exc
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -323,13 +323,45 @@ def build_plan(
     dtype: torch.dtype | None = None,
     check_replicas: bool = True,
 ) -> Plan:
-    """Plan the repartition of ``ck`` to ``target_tp`` x ``target_pp`` (None keeps the source's)."""
+    """Plan the repartition of ``ck`` to ``target_tp`` x ``target_pp`` (None keeps the source's).
+
+    A target that does not fit the model is a ``CkptError`` naming the source (whose sizes it
+    does not divide).
+    """
+    try:
+        return _build_plan(ck, target_tp, target_pp, layers_per_stage, dtype, check_replicas)
+    except CkptError as exc:
+        if exc.path is not None:
+            raise
+        raise CkptError(ck.url, exc.problem, exc.key) from None
+
+
+def _config_int(ck: Checkpoint, key: str) -> int | None:
+    value = ck.config.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise CkptError(ck.url, f"expected an integer, got {value!r:.40}", key)
+    try:
+        return int(value)
+    except ValueError:
+        raise CkptError(ck.url, f"expected an integer, got {value!r:.40}", key) from None
+
+
+def _build_plan(
+    ck: Checkpoint,
+    target_tp: int | None,
+    target_pp: int | None,
+    layers_per_stage: list[int] | None,
+    dtype: torch.dtype | None,
+    check_replicas: bool,
+) -> Plan:
     fam = family_for(ck.config, _all_keys(ck), ck.url)
     entries = _collect(ck, fam)
     counts = _source_layers(ck, fam)
     num_layers = sum(counts)
-    cfg_layers = ck.config.get(fam.num_layers_key)
-    if cfg_layers is not None and int(cfg_layers) != num_layers:
+    cfg_layers = _config_int(ck, fam.num_layers_key)
+    if cfg_layers is not None and cfg_layers != num_layers:
         raise CkptError(
             ck.url,
             f"config says {fam.num_layers_key}={cfg_layers} but the weights hold {num_layers} layers",

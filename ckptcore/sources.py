@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ckptcore.errors import CkptError
+from ckptcore.errors import CkptError, StorageError, storage_error
 from ckptcore.formats import nemo as nemo_fmt
 from ckptcore.formats.ptl import find_checkpoint
 from ckptcore.formats.safe_pickle import TensorRef, to_plain
@@ -124,11 +124,77 @@ class Checkpoint:
         return cls(url, "memory", dict(config), tp, pp, ranks)
 
 
+class GuardedSource:
+    """A remote :class:`ByteSource` whose storage failures name the file: a read that fails is a
+    ``StorageError`` (or ``CkptError`` for a vanished object), never a raw client exception.
+    Everything else (``plan_reads``, counters) is the wrapped source's."""
+
+    def __init__(self, src: ByteSource) -> None:
+        self._src = src
+        self.name = src.name
+        self.size = src.size
+
+    def read(self, offset: int, length: int) -> bytes | memoryview:
+        try:
+            return self._src.read(offset, length)
+        except (CkptError, StorageError):
+            raise
+        except Exception as exc:
+            raise storage_error(self.name, _reading(offset, length), exc) from exc
+
+    def readinto(self, offset: int, buf: memoryview) -> None:
+        try:
+            self._src.readinto(offset, buf)
+        except (CkptError, StorageError):
+            raise
+        except Exception as exc:
+            raise storage_error(self.name, _reading(offset, len(buf)), exc) from exc
+
+    def close(self) -> None:
+        self._src.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._src, name)
+
+
+def _reading(offset: int, length: int) -> str:
+    return f"reading bytes {offset}..{offset + length} failed"
+
+
+def open_guarded(url: str) -> ByteSource:
+    """:func:`~ckptcore.storage.open_source`, remote failures (opening included) named."""
+    if is_local(url):
+        return open_source(url)
+    try:
+        return GuardedSource(open_source(url))
+    except (CkptError, StorageError):
+        raise
+    except Exception as exc:
+        raise storage_error(url, "cannot open", exc) from exc
+
+
 def _torch_rank(src: ByteSource, tp_rank: int, pp_rank: int) -> tuple[SourceRank, Any]:
     tf = TorchFile(src)
     sd = state_dict_of(tf.obj, src.name)
-    meta = getattr(sd, "_metadata", None)
+    meta = _check_metadata(getattr(sd, "_metadata", None), src.name)
     return SourceRank(tp_rank, pp_rank, src.name, sd, meta, tf.tensor, tf.span), tf.obj
+
+
+def _check_metadata(meta: Any, path: str) -> dict | None:
+    """``state_dict._metadata`` as torch writes it: {module prefix: {"version": 1, ...}}."""
+    if meta is None:
+        return None
+    if not isinstance(meta, dict) or not all(
+        isinstance(k, str) and isinstance(v, dict) for k, v in meta.items()
+    ):
+        raise CkptError(path, "the state dict's _metadata is not a mapping of mappings")
+    for prefix, value in meta.items():
+        for k, v in value.items():
+            if not isinstance(k, str) or not (v is None or isinstance(v, bool | int | float | str)):
+                raise CkptError(
+                    path, f"the state dict's _metadata holds {k!r:.40}: {type(v).__name__}", prefix
+                )
+    return meta
 
 
 def _config_parallel(config: dict) -> tuple[int, int]:
@@ -166,8 +232,10 @@ def open_checkpoint(url: str, checkpoint: str = "last") -> Checkpoint:
     try:
         is_dir = fs.isdir(path)
         exists = is_dir or fs.exists(path)
-    except (OSError, ValueError) as exc:
+    except ValueError as exc:
         raise CkptError(url, f"cannot access: {exc}") from None
+    except Exception as exc:
+        raise storage_error(url, "cannot access", exc) from exc
     if not exists:
         raise CkptError(url, "not found")
     if is_dir:
@@ -189,12 +257,14 @@ def _open_ptl(folder: str, checkpoint: str) -> Checkpoint:
     config: dict | None = None
     epoch = None
     for rank, url in sorted(found.files.items()):
-        src = open_source(url)
+        src = open_guarded(url)
         sr, obj = _torch_rank(src, *rank)
         if not isinstance(obj, dict) or "state_dict" not in obj:
             raise CkptError(url, "not a Lightning checkpoint (no state_dict)")
         hp = obj.get("hyper_parameters")
-        cfg = to_plain(hp.get("cfg") if isinstance(hp, dict) else None)
+        cfg = to_plain(
+            hp.get("cfg") if isinstance(hp, dict) else None, url, "hyper_parameters['cfg']"
+        )
         if not isinstance(cfg, dict):
             raise CkptError(url, "no hyper_parameters['cfg'] model config in the checkpoint")
         if config is None:
@@ -259,12 +329,22 @@ def _assemble_nemo(
     return Checkpoint(url=url, kind=kind, config=config, tp=tp, pp=pp, ranks=ranks)
 
 
+def _check_unique(url: str, rank: tuple[int, int], rel: str, where: dict) -> None:
+    """mp_rank_00/ and tp_rank_00_pp_rank_000/ both name TP rank 0 of stage 0."""
+    if rank in where:
+        t, p = rank
+        raise CkptError(url, f"rank tp={t} pp={max(p, 0)} is stored twice: {where[rank]} and {rel}")
+    where[rank] = rel
+
+
 def _open_nemo_file(url: str) -> Checkpoint:
-    src = open_source(url)
+    src = open_guarded(url)
     if nemo_fmt.is_gzip(src):
         tmp = tempfile.TemporaryDirectory(prefix="ckpt-nemo-")
         try:
             nemo_fmt.extract_gzip_tar(src, tmp.name)
+            if not os.path.isfile(os.path.join(tmp.name, nemo_fmt.CONFIG_NAME)):
+                raise CkptError(url, "not a .nemo archive: no model_config.yaml member")
             ck = _open_nemo_dir(tmp.name, display=url)
         except BaseException:
             tmp.cleanup()
@@ -280,9 +360,11 @@ def _open_nemo_file(url: str) -> Checkpoint:
     cfg_member = members[nemo_fmt.CONFIG_NAME]
     config = nemo_fmt.parse_config(bytes(src.read(cfg_member.offset, cfg_member.size)), url)
     rank_sources = {}
+    where: dict[tuple[int, int], str] = {}
     for rel, member in members.items():
         rank = _rank_of_member(rel, url)
         if rank is not None:
+            _check_unique(url, rank, rel, where)
             rank_sources[rank] = nemo_fmt.member_source(src, member, url)
     ck = _assemble_nemo(url, config, rank_sources, "nemo")
     ck.files = [(url, src.size)]
@@ -292,22 +374,37 @@ def _open_nemo_file(url: str) -> Checkpoint:
 def _open_nemo_dir(url: str, display: str | None = None) -> Checkpoint:
     shown = display or url
     fs, root = get_fs(url)
+    try:
+        found = fs.find(root, withdirs=False, detail=True)
+    except Exception as exc:
+        raise storage_error(shown, "cannot list", exc) from exc
+    entries = sorted(found.values(), key=lambda e: e["name"])
+    for entry in entries:  # before reading anything: a linked config could be any file
+        if entry.get("type") == "link" or (is_local(url) and os.path.islink(entry["name"])):
+            rel = entry["name"][len(root.rstrip("/")) + 1 :]
+            raise CkptError(shown, f"unsafe entry {rel!r}: links are not allowed")
     cfg_path = root.rstrip("/") + "/" + nemo_fmt.CONFIG_NAME
-    with fs.open(cfg_path, "rb") as f:
-        config = nemo_fmt.parse_config(f.read(nemo_fmt.MAX_CONFIG_BYTES + 1), shown)
+    try:
+        with fs.open(cfg_path, "rb") as f:
+            data = f.read(nemo_fmt.MAX_CONFIG_BYTES + 1)
+    except Exception as exc:
+        raise storage_error(
+            f"{shown.rstrip('/')}/{nemo_fmt.CONFIG_NAME}", "cannot read", exc
+        ) from exc
+    config = nemo_fmt.parse_config(data, shown)
     rank_sources: dict[tuple[int, int], ByteSource] = {}
     files = []
-    for entry in fs.find(root, withdirs=False, detail=True).values():
+    where: dict[tuple[int, int], str] = {}
+    for entry in entries:
         rel = entry["name"][len(root.rstrip("/")) + 1 :]
-        if entry.get("type") == "link" or (is_local(url) and os.path.islink(entry["name"])):
-            raise CkptError(shown, f"unsafe entry {rel!r}: links are not allowed")
         rank = _rank_of_member(rel, shown)
         if rank is None:
             continue
+        _check_unique(shown, rank, rel, where)
         if is_local(url):
             src: ByteSource = LocalFile(entry["name"], f"{shown}/{rel}")
         else:
-            src = open_source(f"{url.rstrip('/')}/{rel}")
+            src = open_guarded(f"{url.rstrip('/')}/{rel}")
         rank_sources[rank] = src
         files.append((f"{shown.rstrip('/')}/{rel}", int(entry.get("size") or 0)))
     ck = _assemble_nemo(shown, config, rank_sources, "nemo-dir")

@@ -70,7 +70,8 @@ class Span:
 
     @property
     def remote(self) -> bool:
-        return hasattr(self.src, "plan_reads")
+        """In object storage (not a local file, nor a member of a local archive)."""
+        return self.local() is None and hasattr(self.src, "plan_reads")
 
     def readinto(self, buf: memoryview, start: int = 0) -> None:
         """Fill ``buf`` with the span's bytes from ``start`` on."""

@@ -17,7 +17,6 @@ import posixpath
 import shutil
 import tarfile
 import tempfile
-import time
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 import yaml
 
 from ckptcore.errors import CkptError
+from ckptcore.formats.safe_pickle import to_plain
 from ckptcore.storage import ByteSource, SubRange
 
 CONFIG_NAME = "model_config.yaml"
@@ -102,9 +102,28 @@ def index_tar(src: ByteSource) -> dict[str, Member]:
                 if info.offset_data + info.size > src.size:
                     raise CkptError(src.name, f"truncated archive: member {rel} runs past the end")
                 members[rel] = Member(rel, info.offset_data, info.size)
+            check_end(tar, src.name)
     except tarfile.TarError as exc:
         raise CkptError(src.name, f"not a valid .nemo (tar) archive: {exc}") from None
     return members
+
+
+def check_end(tar: tarfile.TarFile, archive: str) -> None:
+    """After the last member, a tar has its end-of-archive marker (zero blocks). tarfile stops
+    silently at a cut or damaged header; a truncated archive must not pass as a shorter one."""
+    tar.fileobj.seek(tar.offset)
+    block = tar.fileobj.read(tarfile.BLOCKSIZE)
+    if len(block) == tarfile.BLOCKSIZE and not any(block):
+        return
+    if not block:
+        raise CkptError(
+            archive, f"truncated archive: no end-of-archive marker at byte {tar.offset}"
+        )
+    if len(block) < tarfile.BLOCKSIZE:
+        raise CkptError(
+            archive, f"truncated archive: it ends inside the member header at byte {tar.offset}"
+        )
+    raise CkptError(archive, f"damaged archive: invalid member header at byte {tar.offset}")
 
 
 def is_gzip(src: ByteSource) -> bool:
@@ -138,13 +157,16 @@ def extract_gzip_tar(src: ByteSource, dest: str) -> None:
                     raise CkptError(src.name, f"cannot read member {rel}")
                 with fobj, open(target, "wb") as out:
                     shutil.copyfileobj(fobj, out, 8 << 20)
+            check_end(tar, src.name)
     except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
         if (
             isinstance(exc, OSError)
             and not isinstance(exc, tarfile.TarError | EOFError)
             and exc.errno
-        ):
-            raise
+        ):  # writing the unpacked files failed (a full disk)
+            raise CkptError(
+                src.name, f"cannot unpack the gzip archive into {dest}: {exc.strerror}"
+            ) from None
         raise CkptError(src.name, f"not a valid gzip .nemo archive: {exc}") from None
 
 
@@ -161,7 +183,7 @@ def parse_config(data: bytes, path: str) -> dict:
         cfg = cfg["model"]
     if not isinstance(cfg, dict):
         raise CkptError(path, "model_config.yaml does not hold a mapping")
-    return cfg
+    return to_plain(cfg, path, CONFIG_NAME)
 
 
 def dump_config(config: dict) -> bytes:
@@ -236,6 +258,19 @@ def _size_of(data: MemberData) -> int:
     return os.path.getsize(data)
 
 
+FIXED_MTIME = 315532800  # 1980-01-01, the reproducible-builds default (zip cannot go earlier)
+
+
+def default_mtime() -> int:
+    """Member times of written archives: ``SOURCE_DATE_EPOCH`` if set, else a fixed date.
+
+    Never the clock: the same input then gives the same bytes (a rerun after a crash, a cache
+    keyed by sha256, two conversions compared with ``cmp``).
+    """
+    value = os.environ.get("SOURCE_DATE_EPOCH", "")
+    return int(value) if value.strip().isdigit() else FIXED_MTIME
+
+
 def write_nemo(out, files: dict[str, MemberData], mtime: int | None = None) -> int:
     """Write the archive sequentially to ``out`` (a binary file object or a sink callable).
 
@@ -243,7 +278,7 @@ def write_nemo(out, files: dict[str, MemberData], mtime: int | None = None) -> i
     the output can be a pipe or a multipart upload as well as a file.
     """
     sink = out if callable(out) and not hasattr(out, "write") else out.write
-    mtime = int(time.time()) if mtime is None else mtime
+    mtime = default_mtime() if mtime is None else mtime
     written = 0
 
     def emit(data: bytes | memoryview) -> None:

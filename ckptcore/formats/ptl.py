@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from ckptcore.errors import CkptError
+from ckptcore.errors import CkptError, storage_error
 from ckptcore.layout import parse_rank_folder
 from ckptcore.storage import get_fs, join
 
@@ -39,7 +39,18 @@ def _listing(folder: str) -> tuple[list[dict], object, str]:
         entries = fs.ls(path, detail=True)
     except FileNotFoundError:
         raise CkptError(folder, "checkpoint folder not found") from None
+    except CkptError:
+        raise
+    except Exception as exc:  # the storage failed to answer: retryable, not the input's fault
+        raise storage_error(folder, "cannot list", exc) from exc
     return entries, fs, path
+
+
+def _list_rank_folder(fs, path: str, url: str) -> list[dict]:
+    try:
+        return fs.ls(path, detail=True)
+    except Exception as exc:
+        raise storage_error(url, "cannot list", exc) from exc
 
 
 def scan_folder(
@@ -63,7 +74,7 @@ def scan_folder(
             rank = parse_rank_folder(base)
             if rank is None:
                 continue
-            for sub in fs.ls(entry["name"], detail=True):
+            for sub in _list_rank_folder(fs, entry["name"], url):
                 sbase = sub["name"].rstrip("/").rsplit("/", 1)[-1]
                 if sub["type"] != "directory" and sbase.endswith(".ckpt"):
                     add(sbase, rank, join(url, sbase), int(sub.get("size") or 0))

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import collections
+import datetime
+import enum
 import io
 import pickle
 import typing
@@ -135,6 +137,20 @@ def _encode(text: str, encoding: str = "latin1") -> bytes:
     return text.encode("latin1")
 
 
+def _copying(cls: type) -> Any:
+    """``bytes``/``bytearray`` as protocol-2 pickles use them: to copy data, never ``cls(n)``,
+    which would allocate ``n`` zeroed bytes on the file's say-so."""
+
+    def build(*args: Any) -> Any:
+        if args and isinstance(args[0], int):
+            raise pickle.UnpicklingError(
+                f"builtins.{cls.__name__} may only copy bytes, not allocate {args[0]} of them"
+            )
+        return cls(*args)
+
+    return build
+
+
 def _omegaconf_globals() -> dict[tuple[str, str], Any]:
     try:
         import omegaconf
@@ -178,8 +194,8 @@ _BUILTINS = {
     "str": str,
     "unicode": str,
     "bool": bool,
-    "bytes": bytes,
-    "bytearray": bytearray,
+    "bytes": _copying(bytes),
+    "bytearray": _copying(bytearray),
     "complex": complex,
     "slice": slice,
     "object": object,
@@ -254,28 +270,85 @@ def load_pickle(data: bytes, path: str) -> Any:
     except CkptError:
         raise
     except pickle.UnpicklingError as exc:
-        raise CkptError(path, f"unsafe or malformed pickle: {exc}") from None
-    except (EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
-        raise CkptError(path, f"malformed pickle: {type(exc).__name__}: {exc}") from None
+        raise CkptError(path, f"unsafe or malformed pickle: {_one_line(exc)}") from None
     except (MemoryError, RecursionError) as exc:
         raise CkptError(path, f"malformed pickle: {type(exc).__name__}") from None
+    except Exception as exc:  # only allow-listed constructors ran: the data made them fail
+        raise CkptError(path, f"malformed pickle: {type(exc).__name__}: {_one_line(exc)}") from None
 
 
-def to_plain(value: Any) -> Any:
-    """OmegaConf containers and Namespaces -> plain dicts/lists (interpolations resolved if possible)."""
+def _one_line(exc: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+MAX_CONFIG_VALUES = 200_000  # a NeMo model config has a few hundred
+
+
+def to_plain(value: Any, path: str | None = None, what: str = "config") -> Any:
+    """A config as plain dicts/lists/scalars: OmegaConf containers and Namespaces converted
+    (interpolations resolved where possible), dates as ISO strings, enums by name.
+
+    The input comes from a file, so it is bounded: cycles, more than :data:`MAX_CONFIG_VALUES`
+    values (shared references or YAML aliases expanding exponentially), non-string keys and
+    values no config can hold (tensors, complex numbers, ...) are a ``CkptError`` naming ``what``.
+    """
+    budget = [MAX_CONFIG_VALUES]
     try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
+        return _plain(value, path, what, "", budget, set())
+    except RecursionError:
+        raise CkptError(path, f"{what} nests too deeply") from None
+
+
+def _plain(value: Any, path, what: str, where: str, budget: list[int], active: set[int]) -> Any:
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise CkptError(path, f"{what} holds more than {MAX_CONFIG_VALUES} values")
+    if value is None or isinstance(value, bool | int | float | str | bytes):
+        return value
+    if isinstance(value, enum.Enum):
+        return value.name
+    if isinstance(value, datetime.date | datetime.time):
+        return value.isoformat()
+    if _is_omegaconf(value):
+        value = _omegaconf_container(value, path, what)
+    elif isinstance(value, argparse.Namespace):
+        value = vars(value)
+    if not isinstance(value, dict | list | tuple):
+        shown = where.lstrip(".") or "(top level)"
+        raise CkptError(path, f"{what} holds a {type(value).__name__} value at {shown}")
+    if id(value) in active:
+        raise CkptError(path, f"{what} refers to itself at {where.lstrip('.') or '(top level)'}")
+    active.add(id(value))
+    try:
+        if isinstance(value, dict):
+            out = {}
+            for k, v in value.items():
+                if not isinstance(k, str):
+                    raise CkptError(path, f"{what} has a non-string key {k!r:.40}")
+                out[k] = _plain(v, path, what, f"{where}.{k}", budget, active)
+            return out
+        return [_plain(v, path, what, f"{where}[{i}]", budget, active) for i, v in enumerate(value)]
+    finally:
+        active.discard(id(value))
+
+
+def _is_omegaconf(value: Any) -> bool:
+    try:
+        from omegaconf import DictConfig, ListConfig
     except ImportError:  # pragma: no cover
-        DictConfig = ListConfig = ()  # type: ignore[assignment]
-    if DictConfig and isinstance(value, DictConfig | ListConfig):
-        try:
-            return OmegaConf.to_container(value, resolve=True)
-        except Exception:  # unresolvable interpolation: keep it as written
-            return OmegaConf.to_container(value, resolve=False)
-    if isinstance(value, argparse.Namespace):
-        return {k: to_plain(v) for k, v in vars(value).items()}
-    if isinstance(value, dict):
-        return {k: to_plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [to_plain(v) for v in value]
-    return value
+        return False
+    return isinstance(value, DictConfig | ListConfig)
+
+
+def _omegaconf_container(value: Any, path: str | None, what: str) -> Any:
+    from omegaconf import OmegaConf
+
+    try:
+        return OmegaConf.to_container(value, resolve=True)
+    except Exception:  # an unresolvable interpolation: keep it as written
+        pass
+    try:
+        return OmegaConf.to_container(value, resolve=False)
+    except Exception as exc:  # a DictConfig rebuilt from damaged pickle state
+        raise CkptError(path, f"{what} is not a valid OmegaConf config: {_one_line(exc)}") from None

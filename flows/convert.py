@@ -1,0 +1,372 @@
+"""``convert``: a training checkpoint in object storage -> a verified ``.nemo`` with lineage.
+
+    list-source -> fetch -> repartition (here, or the ``repartition/vit`` deployment in
+    ``gpu-pool``) -> package (with ``lineage.json``) -> verify -> upload (+ sidecar, metadata,
+    asset) -> report-lineage -> clean-work
+
+The mapped mode (a ``runner`` parameter or ``CKPT_RUNNER``: ``threads``, ``dask``,
+``dask://host:8786``, ``ray``...) replaces fetch + repartition by the ``repartition-items``
+subflow: the plan's work items (one per target rank file) run as ``write-item`` tasks on that
+task runner, each reading its byte ranges of the source in place and writing its rank file to
+the staging location, beside ``hash-source`` tasks that digest the source files for the
+lineage; then package (streaming the staged files in) -> verify -> upload as above.
+
+Run it locally with ``convert_vit(source=..., destination=...)``; deployed as ``convert/vit``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import replace
+
+from prefect import flow, runtime, unmapped
+from prefect.artifacts import create_table_artifact
+from prefect.deployments import run_deployment
+from prefect.futures import wait
+from prefect.logging import get_run_logger
+
+from ckptcore import lineage
+from ckptcore.api import plan_conversion
+from ckptcore.errors import CkptError
+from ckptcore.formats.nemo import CONFIG_NAME, dump_config
+from ckptcore.sources import open_checkpoint
+from ckptcore.storage import is_local, join, local_path
+from ckptcore.workplan import work_items
+from tasks import settings
+from tasks.cache import run_cached
+from tasks.convert import (
+    Packaged,
+    Partition,
+    download_partition,
+    package,
+    partition_is_present,
+    partition_location,
+    repartition,
+    verify_output,
+)
+from tasks.items import (
+    MappedPartition,
+    commit_partition,
+    hash_source,
+    items_location,
+    make_task_runner,
+    package_staged,
+    parse_runner,
+    source_objects,
+    write_item,
+)
+from tasks.lineage import RemoteRun, finish_lineage, start_lineage
+from tasks.publish import check_destination, clean_work, report_lineage, upload_task
+from tasks.source import (
+    FetchedCheckpoint,
+    SourceListing,
+    default_destination,
+    fetch,
+    fetch_location,
+    fetched_is_present,
+    list_source,
+)
+
+
+def repartition_remotely() -> bool:
+    """Hand repartitioning to its deployment? ``CKPT_REPARTITION``, else: when deployed."""
+    mode = settings.repartition_mode()
+    if mode == "auto":
+        return runtime.deployment.id is not None
+    return mode == "deployment"
+
+
+def run_repartition_deployment(
+    listing: SourceListing,
+    fetched: FetchedCheckpoint,
+    target_tp: int | None,
+    target_pp: int | None,
+    precision: str,
+    output_url: str,
+) -> RemoteRun:
+    """Run ``repartition/vit`` (in ``gpu-pool``) as a subflow and wait for it to complete."""
+    start = time.perf_counter()
+    name = settings.repartition_deployment()
+    child = run_deployment(
+        name=name,
+        parameters={
+            "source": listing.root,
+            "checkpoint": listing.checkpoint or "last",
+            "source_digest": fetched.digest,
+            "target_tp": target_tp,
+            "target_pp": target_pp,
+            "precision": precision,
+            "output_url": output_url,
+        },
+        as_subflow=True,
+        poll_interval=settings.poll_seconds(),
+        timeout=settings.repartition_timeout(),
+    )
+    if child.state is None or not child.state.is_completed():
+        state = child.state.name if child.state else "without a state"
+        raise RuntimeError(f"repartition run {child.name} ({child.id}) ended {state}")
+    return RemoteRun(
+        name, str(child.id), child.name, child.work_pool_name, time.perf_counter() - start
+    )
+
+
+@flow(name="repartition-items", validate_parameters=False)
+def repartition_items(
+    listing: SourceListing,
+    target_tp: int | None,
+    target_pp: int | None,
+    precision: str,
+    staging: str,
+    runner: str = "threads",
+) -> MappedPartition:
+    """The repartition step as one task per target rank file, on this flow's task runner.
+
+    Plans here (reading only the source's headers), maps ``write-item`` over the plan's files
+    (each task opens the source itself and streams its file to ``<staging>/items-<key>/``) and
+    ``hash-source`` over the remote source files, then commits the partition
+    (``model_config.yaml``, ``partition.json``). Items found complete from an earlier run with
+    the same source and plan are not written again. ``runner`` only names the runner in the
+    result; ``with_options(task_runner=...)`` chooses it.
+    """
+    start = time.perf_counter()
+    objects = source_objects(listing)
+    remote = [o for o in objects if not is_local(o.url)]
+    hashing = hash_source.map(remote) if remote else []
+    checkpoint = listing.checkpoint or "last"
+    with open_checkpoint(listing.root, checkpoint) as ck:
+        plan = plan_conversion(ck, target_tp, target_pp, precision)
+        planned = work_items(ck, plan, with_ranges=False)
+        source_tp, source_pp, step, epoch, notes = ck.tp, ck.pp, ck.step, ck.epoch, ck.notes
+    location = items_location(staging, listing, plan)
+    members = {fp.path: join(location, fp.path) for fp in plan.files}
+    futures = write_item.map(
+        unmapped(listing.root),
+        unmapped(checkpoint),
+        unmapped(objects),
+        list(plan.files),
+        list(members.values()),
+        [w.read_bytes for w in planned],
+    )
+    wait([*futures, *hashing])  # let every item finish before failing on one: a rerun resumes
+    items = tuple(f.result() for f in futures)
+    hashes = tuple(f.result() for f in hashing)
+    hashed = {h.file.url: h.file for h in hashes}
+    files = tuple(
+        hashed[f.url]
+        if f.url in hashed
+        else lineage.SourceFile(f.url, f.size_bytes, f.sha256 or "")
+        for f in listing.files
+    )
+    fetched = FetchedCheckpoint(
+        source=listing.root,
+        kind=listing.kind,
+        checkpoint=listing.checkpoint,
+        local_root=local_path(listing.root) if listing.local else listing.root,
+        files=files,
+        rels=tuple(f.rel for f in listing.files),
+        digest=lineage.files_digest(list(files)),
+        seconds=max((h.seconds for h in hashes), default=0.0),
+        notes=listing.notes,
+    )
+    partition = Partition(
+        url=location,
+        members={**members, CONFIG_NAME: join(location, CONFIG_NAME)},
+        plan_digest=plan.digest(),
+        source_tp=source_tp,
+        source_pp=source_pp,
+        target_tp=plan.target.tp,
+        target_pp=plan.target.pp,
+        precision=str(plan.config.get("precision")),
+        step=step,
+        epoch=epoch,
+        tensor_bytes=sum(fp.write_bytes for fp in plan.files),
+        seconds=time.perf_counter() - start,
+        notes=tuple(notes),
+    )
+    commit_partition(partition, dump_config(plan.config))
+    run_id = runtime.flow_run.id
+    mapped = MappedPartition(
+        partition,
+        fetched,
+        items,
+        hashes,
+        runner,
+        str(run_id) if run_id else None,
+        runtime.flow_run.name if run_id else None,
+    )
+    create_table_artifact(mapped.table(), key="work-items", description=mapped.note())
+    return mapped
+
+
+def run_mapped(
+    listing: SourceListing,
+    target_tp: int | None,
+    target_pp: int | None,
+    precision: str,
+    runner: str,
+    scratch_url: str | None = None,
+) -> MappedPartition:
+    """``repartition-items`` as a subflow on the task runner ``runner`` names."""
+    spec = parse_runner(runner, settings.runner_workers())
+    staging = settings.staging_url(scratch_url)
+    if spec.address and is_local(staging):
+        get_run_logger().warning(
+            "items on %s write to the local folder %s: every worker must see it at that path "
+            "(set CKPT_STAGING_URL or CKPT_SCRATCH_URL to object storage otherwise)",
+            spec.address,
+            staging,
+        )
+    subflow = repartition_items.with_options(task_runner=make_task_runner(spec))
+    return subflow(listing, target_tp, target_pp, precision, staging, spec.describe())
+
+
+def _work_files(
+    listing: SourceListing,
+    work: str,
+    partition: Partition,
+    location: str,
+    packaged: Packaged,
+) -> list[str]:
+    files = [os.path.dirname(packaged.path), partition.url, location]
+    if not listing.local:
+        files.append(fetch_location(listing, work))
+    return list(dict.fromkeys(files))
+
+
+def convert_pipeline(
+    source: str,
+    destination: str | None = None,
+    checkpoint: str = "last",
+    target_tp: int | None = None,
+    target_pp: int | None = None,
+    precision: str = "keep",
+    verify: bool = True,
+    overwrite: bool = False,
+    tolerance: float = 1e-5,
+    scratch_url: str | None = None,
+    kinds: tuple[str, ...] = ("ptl", "nemo", "nemo-dir"),
+    runner: str | None = None,
+) -> dict[str, str]:
+    """The steps of ``convert`` (and ``reshard``), called inside a flow run."""
+    listing = list_source(source, checkpoint)
+    if listing.kind not in kinds:
+        raise CkptError(source, f"is a {listing.kind} checkpoint; expected {' or '.join(kinds)}")
+    destination = check_destination(
+        destination or default_destination(listing), listing.root, overwrite
+    )
+    work = settings.work_dir()
+    mode = settings.runner(runner)
+    if mode is not None:
+        return _convert_mapped(
+            listing, destination, target_tp, target_pp, precision, verify, tolerance, work,
+            mode, scratch_url,
+        )  # fmt: skip
+    fetched = run_cached(fetch, fetched_is_present, listing, work)
+    remote = None
+    if repartition_remotely():
+        scratch = settings.scratch_url(scratch_url)
+        location = partition_location(scratch, fetched, target_tp, target_pp, precision)
+        remote = run_repartition_deployment(
+            listing, fetched, target_tp, target_pp, precision, location
+        )
+        partition = download_partition(location, work)
+    else:
+        location = partition_location(work, fetched, target_tp, target_pp, precision)
+        partition = run_cached(
+            repartition, partition_is_present, fetched, target_tp, target_pp, precision, location
+        )
+    record = start_lineage(listing, fetched, partition, destination, remote)
+    packaged = package(partition, record, work, destination.rsplit("/", 1)[-1])
+    verified = verify_output(fetched, packaged, tolerance) if verify else None
+    upload = upload_task(destination, listing.root)
+    uploaded = upload(packaged.path, finish_lineage(record, packaged, verified))
+    report_lineage(uploaded.record)
+    clean_work(work, _work_files(listing, work, partition, location, packaged))
+    return uploaded.record.summary()
+
+
+def _convert_mapped(
+    listing: SourceListing,
+    destination: str,
+    target_tp: int | None,
+    target_pp: int | None,
+    precision: str,
+    verify: bool,
+    tolerance: float,
+    work: str,
+    runner: str,
+    scratch_url: str | None,
+) -> dict[str, str]:
+    """``convert_pipeline`` in the mapped mode: ``repartition-items`` instead of fetch and
+    repartition; the source is verified against where it is (no local copy of it is made)."""
+    mapped = run_mapped(listing, target_tp, target_pp, precision, runner, scratch_url)
+    fetched, partition = mapped.fetched, mapped.partition
+    record = start_lineage(listing, fetched, partition, destination)
+    record = replace(record, notes=[*record.notes, mapped.note()])
+    packaged = package_staged(partition, record, work, destination.rsplit("/", 1)[-1])
+    verified = verify_output(fetched, packaged, tolerance) if verify else None
+    upload = upload_task(destination, listing.root)
+    uploaded = upload(packaged.path, finish_lineage(record, packaged, verified))
+    report_lineage(uploaded.record)
+    clean_work(work, [os.path.dirname(packaged.path), partition.url])
+    staging = partition.url.rsplit("/", 1)[0]
+    if is_local(staging) and not _under(local_path(partition.url), work):
+        clean_work(staging, [partition.url])  # a shared staging folder outside the work folder
+    return uploaded.record.summary()
+
+
+def _under(path: str, folder: str) -> bool:
+    return os.path.abspath(path).startswith(os.path.abspath(folder) + os.sep)
+
+
+@flow(name="convert")
+def convert_vit(
+    source: str,
+    destination: str | None = None,
+    checkpoint: str = "last",
+    target_tp: int | None = None,
+    target_pp: int | None = None,
+    precision: str = "keep",
+    verify: bool = True,
+    overwrite: bool = False,
+    tolerance: float = 1e-5,
+    scratch_url: str | None = None,
+    runner: str | None = None,
+) -> dict[str, str]:
+    """Convert a NeMo ViT training checkpoint into a verified ``.nemo`` with lineage.
+
+    Args:
+        source: training checkpoint folder (``s3://...`` or local), or the URL of one
+            checkpoint in it (``.../checkpoints/<name>.ckpt``, any rank folder).
+        destination: URL of the ``.nemo``; default ``<folder>/nemo/<checkpoint stem>.nemo``.
+        checkpoint: ``last`` (the ``-last.ckpt``), ``latest`` (highest step) or a file name.
+        target_tp: tensor-parallel size of the output (default: the source's).
+        target_pp: pipeline-parallel size of the output (default: the source's).
+        precision: ``keep``, or ``fp32``/``bf16``/``fp16`` to cast the weights.
+        verify: compare source and output logits on deterministic images (max diff <=
+            ``tolerance``); a failed comparison uploads nothing.
+        overwrite: replace an existing destination.
+        tolerance: the verify bound (1e-5 for fp32; loosen it when changing precision).
+        scratch_url: where the repartition deployment leaves its files (default
+            ``CKPT_SCRATCH_URL``); only used when deployed. In the mapped mode, where the
+            items write theirs unless ``CKPT_STAGING_URL`` is set.
+        runner: map the repartition over the plan's work items (one task per target rank
+            file) on ``threads[:N]``, ``dask`` (a LocalCluster of ``CKPT_RUNNER_WORKERS``
+            processes), ``dask://host:8786`` (a running scheduler), ``ray`` or
+            ``ray://host:10001``; default ``CKPT_RUNNER``, unset: one process as before.
+            ``inline`` forces one process.
+    """
+    return convert_pipeline(
+        source,
+        destination,
+        checkpoint,
+        target_tp,
+        target_pp,
+        precision,
+        verify,
+        overwrite,
+        tolerance,
+        scratch_url,
+        runner=runner,
+    )

@@ -1,0 +1,52 @@
+"""``repartition``: the GPU-pool half of ``convert`` (deployment ``repartition/vit``).
+
+The parent names the source (already resolved to one checkpoint file name), the digest it
+fetched, the target layout and a scratch prefix; this run fetches the same bytes on its own
+machine, repartitions them and leaves the rank files plus ``partition.json`` under the prefix.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prefect import flow
+
+from tasks import settings
+from tasks.cache import run_cached
+from tasks.convert import partition_is_present, repartition
+from tasks.publish import clean_work
+from tasks.source import fetch, fetch_location, fetched_is_present, list_source, require_digest
+
+
+@flow(name="repartition")
+def repartition_vit(
+    source: str,
+    output_url: str,
+    checkpoint: str = "last",
+    source_digest: str | None = None,
+    target_tp: int | None = None,
+    target_pp: int | None = None,
+    precision: str = "keep",
+) -> dict:
+    """Repartition one checkpoint to the target TP/PP into ``output_url``.
+
+    Args:
+        source: the checkpoint (training folder, ``.nemo``) as the parent listed it.
+        output_url: folder (normally under ``CKPT_SCRATCH_URL``) for the rank files.
+        checkpoint: the checkpoint file name in a training folder.
+        source_digest: the parent's digest of the source files; a mismatch fails the run.
+        target_tp: output tensor-parallel size (default: the source's).
+        target_pp: output pipeline-parallel size (default: the source's).
+        precision: ``keep`` or a target precision.
+    """
+    work = settings.work_dir()
+    listing = list_source(source, checkpoint)
+    downloaded_here = not listing.local and not os.path.exists(fetch_location(listing, work))
+    fetched = run_cached(fetch, fetched_is_present, listing, work)
+    require_digest(fetched, source_digest)
+    partition = run_cached(
+        repartition, partition_is_present, fetched, target_tp, target_pp, precision, output_url
+    )
+    if downloaded_here:  # not shared with a parent run on this machine: ours to remove
+        clean_work(work, [fetch_location(listing, work)])
+    return partition.manifest()

@@ -1,0 +1,143 @@
+"""Community (transformers / timm) ViT folders -> ``.nemo``: a thin task over
+``ckptcore.community.api.import_hf`` (imported lazily), and a logits check of the result."""
+
+from __future__ import annotations
+
+import os
+import tarfile
+import time
+import uuid
+
+import torch
+from prefect import task
+
+from ckptcore import lineage
+from ckptcore.api import restore_model, sample_images
+from ckptcore.errors import CkptError
+from tasks.convert import Packaged, Partition, Verified
+from tasks.progress import Progress
+from tasks.source import FetchedCheckpoint
+
+
+def extract_nemo(path: str, folder: str) -> dict[str, str]:
+    """The regular-file members of a ``.nemo`` written into ``folder``: {member: path}."""
+    members = {}
+    with tarfile.open(path) as tar:
+        for info in tar.getmembers():
+            if not info.isfile():
+                continue
+            name = info.name.removeprefix("./")
+            tar.extract(info, folder, filter="data")
+            members[name] = os.path.join(folder, info.name)
+    return members
+
+
+def import_to_partition(
+    fetched: FetchedCheckpoint,
+    target_tp: int | None,
+    target_pp: int | None,
+    precision: str,
+    layout: str,
+    source_kind: str | None,
+    work_dir: str,
+) -> Partition:
+    """``import_hf`` into the work folder; its members become a partition to package."""
+    from ckptcore.community.api import import_hf
+
+    out = os.path.join(work_dir, f"import-{uuid.uuid4().hex[:12]}")
+    nemo = os.path.join(out, "imported.nemo")
+    os.makedirs(out, exist_ok=True)
+    progress = Progress(f"import {fetched.source}", sum(f.size_bytes for f in fetched.files))
+    report = import_hf(
+        fetched.local_root,
+        nemo,
+        target_tp=target_tp,
+        target_pp=target_pp,
+        layout=layout,
+        source_kind=source_kind,
+        precision=precision,
+        overwrite=True,
+        progress=progress.tensor,
+    )
+    progress.finish()
+    members = extract_nemo(nemo, os.path.join(out, "members"))
+    os.unlink(nemo)
+    return Partition(
+        url=os.path.join(out, "members"),
+        members=members,
+        plan_digest=report.plan_digest,
+        source_tp=report.source_tp,
+        source_pp=report.source_pp,
+        target_tp=report.target_tp,
+        target_pp=report.target_pp,
+        precision=report.precision,
+        step=None,
+        epoch=None,
+        tensor_bytes=report.tensor_bytes,
+        seconds=report.seconds,
+        notes=(f"imported from a {report.source_kind} checkpoint", *report.notes),
+    )
+
+
+@task(name="import-hf")
+def import_community(
+    fetched: FetchedCheckpoint,
+    target_tp: int | None,
+    target_pp: int | None,
+    precision: str,
+    layout: str,
+    source_kind: str | None,
+    work_dir: str,
+) -> Partition:
+    """A transformers/timm ViT folder -> NeMo rank files at the target TP/PP."""
+    return import_to_partition(
+        fetched, target_tp, target_pp, precision, layout, source_kind, work_dir
+    )
+
+
+def verify_community(
+    fetched: FetchedCheckpoint,
+    packaged: Packaged,
+    layout: str,
+    source_kind: str | None,
+    tolerance: float = 1e-5,
+) -> Verified:
+    """The community weights (mapped to NeMo, TP=1) and the ``.nemo`` on the same images.
+
+    This checks repartitioning and packaging; the mapping itself is what ckptcore's community
+    tests compare against transformers/timm.
+    """
+    from ckptcore.api import load_state_dict
+    from ckptcore.community.api import open_community
+    from ckptcore.model.vit import VitClassificationModel
+
+    start = time.perf_counter()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with open_community(fetched.local_root, layout, source_kind) as ck:
+        config, sd = load_state_dict(ck)
+    source = VitClassificationModel(config, path=fetched.source)
+    source.load_state_dict(sd, strict=False)
+    output = restore_model(packaged.path)
+    x = sample_images(source.cfg).to(device)
+    with torch.no_grad():
+        diff = float((source.to(device)(x).float() - output.to(device)(x).float()).abs().max())
+    if not diff <= tolerance:
+        raise CkptError(
+            packaged.path,
+            f"verify failed: max |logit diff| {diff:.3g} > tolerance {tolerance:g}; "
+            "nothing was uploaded",
+        )
+    info = lineage.VerifyInfo(diff, tolerance, int(x.shape[0]), True, device)
+    return Verified(info, time.perf_counter() - start)
+
+
+@task(name="verify")
+def verify_import(
+    fetched: FetchedCheckpoint,
+    packaged: Packaged,
+    layout: str,
+    source_kind: str | None,
+    tolerance: float = 1e-5,
+) -> Verified:
+    """Mapped community weights and the ``.nemo`` agree on deterministic images."""
+    return verify_community(fetched, packaged, layout, source_kind, tolerance)

@@ -1,0 +1,284 @@
+"""Repartition, package and verify: thin tasks over ``ckptcore.api``.
+
+A repartitioned checkpoint is a *partition*: ``model_config.yaml`` plus the target rank files
+in one folder (local or under the scratch prefix), committed by a ``partition.json`` manifest
+written last. The ``repartition/vit`` deployment writes one; the parent flow downloads it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from prefect import task
+
+from ckptcore import api, lineage
+from ckptcore.api import package_nemo, plan_conversion, write_rank_files
+from ckptcore.errors import CkptError
+from ckptcore.sources import open_checkpoint
+from ckptcore.storage import get_fs, is_local, join, local_path
+from tasks import settings
+from tasks.cache import ContentCache
+from tasks.progress import Progress
+from tasks.retry import retry_transient
+from tasks.source import FetchedCheckpoint
+
+PARTITION_MANIFEST = "partition.json"
+
+
+@dataclass(frozen=True)
+class Partition:
+    """Target rank files of one repartitioning, and what the plan said about them."""
+
+    url: str  # folder (local path or object-storage prefix)
+    members: dict[str, str]  # archive member -> URL
+    plan_digest: str
+    source_tp: int
+    source_pp: int
+    target_tp: int
+    target_pp: int
+    precision: str
+    step: int | None
+    epoch: int | None
+    tensor_bytes: int
+    seconds: float
+    notes: tuple[str, ...] = field(default=())
+
+    def manifest(self) -> dict[str, Any]:
+        """JSON for ``partition.json``: members relative to the folder."""
+        data = asdict(self)
+        data.pop("url")
+        data["members"] = {m: m for m in self.members}
+        data["notes"] = list(self.notes)
+        return data
+
+    @classmethod
+    def from_manifest(cls, url: str, data: dict[str, Any]) -> Partition:
+        data = dict(data)
+        data["members"] = {m: join(url, rel) for m, rel in data["members"].items()}
+        data["notes"] = tuple(data.get("notes") or ())
+        return cls(url=url, **data)
+
+    def content_key(self) -> str:
+        return hashlib.sha256(
+            json.dumps([self.plan_digest, sorted(self.members)], sort_keys=True).encode()
+        ).hexdigest()
+
+
+@dataclass(frozen=True)
+class Packaged:
+    """A ``.nemo`` in the local work folder."""
+
+    path: str
+    size_bytes: int
+    sha256: str
+    seconds: float
+
+
+def partition_location(
+    root: str,
+    fetched: FetchedCheckpoint,
+    target_tp: int | None,
+    target_pp: int | None,
+    precision: str | int | None,
+) -> str:
+    """A folder under ``root`` named by content: the same inputs always land in the same place."""
+    key = json.dumps([fetched.content_key(), target_tp, target_pp, str(precision)])
+    return join(root, f"partition-{hashlib.sha256(key.encode()).hexdigest()[:24]}")
+
+
+def _read_partition(url: str) -> Partition | None:
+    fs, path = get_fs(join(url, PARTITION_MANIFEST))
+    try:
+        with fs.open(path, "rb") as f:
+            data = json.loads(f.read())
+    except FileNotFoundError:
+        return None
+    return Partition.from_manifest(url, data)
+
+
+def partition_is_present(partition: Partition) -> bool:
+    """Is the partition (its manifest and members) still where its record says?"""
+    fs, path = get_fs(join(partition.url, PARTITION_MANIFEST))
+    if not fs.exists(path):
+        return False
+    return all(get_fs(url)[0].exists(get_fs(url)[1]) for url in partition.members.values())
+
+
+def _put_file(local: str, url: str, **kwargs: Any) -> None:
+    fs, path = get_fs(url)
+    if is_local(url):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        shutil.copyfile(local, path)
+    else:
+        fs.put_file(local, path, chunksize=settings.upload_chunk_bytes(), **kwargs)
+
+
+def write_partition(
+    fetched: FetchedCheckpoint,
+    target_tp: int | None,
+    target_pp: int | None,
+    precision: str | int | None,
+    output_url: str,
+) -> Partition:
+    """Stream the source through ckptcore's engine into ``output_url`` (manifest last)."""
+    start = time.perf_counter()
+    fs, manifest_path = get_fs(join(output_url, PARTITION_MANIFEST))
+    if fs.exists(manifest_path):
+        fs.rm_file(manifest_path)  # an older partition here is not valid while we rewrite it
+    with open_checkpoint(fetched.open_url) as ck:
+        plan = plan_conversion(ck, target_tp, target_pp, precision)
+        tensor_bytes = sum(f.write_bytes for f in plan.files)
+        progress = Progress(f"repartition to TP={plan.target.tp} PP={plan.target.pp}", tensor_bytes)
+        local_out = is_local(output_url)
+        stage = local_path(output_url) if local_out else tempfile.mkdtemp(prefix="ckpt-part-")
+        try:
+            os.makedirs(stage, exist_ok=True)
+            files = write_rank_files(ck, plan, stage, progress=progress.tensor)
+            progress.finish()
+            if not local_out:
+                for member, path in files.items():
+                    _put_file(path, join(output_url, member))
+        finally:
+            if not local_out:
+                shutil.rmtree(stage, ignore_errors=True)
+        part = Partition(
+            url=output_url,
+            members={m: join(output_url, m) for m in files},
+            plan_digest=plan.digest(),
+            source_tp=ck.tp,
+            source_pp=ck.pp,
+            target_tp=plan.target.tp,
+            target_pp=plan.target.pp,
+            precision=str(plan.config.get("precision")),
+            step=ck.step,
+            epoch=ck.epoch,
+            tensor_bytes=tensor_bytes,
+            seconds=time.perf_counter() - start,
+            notes=tuple(ck.notes),
+        )
+    with fs.open(manifest_path, "wb") as f:
+        f.write(json.dumps(part.manifest(), indent=2, sort_keys=True).encode())
+    return part
+
+
+@task(
+    name="repartition",
+    retries=settings.retries(),
+    retry_delay_seconds=settings.retry_delays(),
+    retry_jitter_factor=0.5,
+    retry_condition_fn=retry_transient,
+    persist_result=True,
+    cache_policy=ContentCache(),
+)
+def repartition(
+    fetched: FetchedCheckpoint,
+    target_tp: int | None,
+    target_pp: int | None,
+    precision: str | int | None,
+    output_url: str,
+) -> Partition:
+    """open_checkpoint + plan_conversion + write_rank_files to the target TP/PP at ``output_url``.
+
+    Cached by the fetched source's digest, the target layout and ``output_url``; call it
+    through :func:`tasks.cache.run_cached` with :func:`partition_is_present`.
+    """
+    return write_partition(fetched, target_tp, target_pp, precision, output_url)
+
+
+@task(
+    name="download-partition",
+    retries=settings.retries(),
+    retry_delay_seconds=settings.retry_delays(),
+    retry_jitter_factor=0.5,
+    retry_condition_fn=retry_transient,
+)
+def download_partition(url: str, work_dir: str) -> Partition:
+    """Copy a partition that another run left under the scratch prefix into the work folder."""
+    remote = _read_partition(url)
+    if remote is None:
+        raise CkptError(url, f"no {PARTITION_MANIFEST}: the repartition run did not finish")
+    folder = os.path.join(work_dir, f"download-{remote.content_key()[:24]}")
+    members = {}
+    for member, src in remote.members.items():
+        dest = os.path.join(folder, member)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        fs, path = get_fs(src)
+        fs.get_file(path, dest + ".part")
+        os.replace(dest + ".part", dest)
+        members[member] = dest
+    return Partition(**{**asdict(remote), "url": folder, "members": members})
+
+
+def package_partition(
+    partition: Partition, record: lineage.LineageRecord, out_path: str
+) -> Packaged:
+    """``.nemo`` at ``out_path`` with the partition's files plus a ``lineage.json`` member."""
+    start = time.perf_counter()
+    os.makedirs(os.path.dirname(out_path), exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="ckpt-lineage-") as tmp:
+        member = os.path.join(tmp, lineage.MEMBER_NAME)
+        with open(member, "w", encoding="utf-8") as f:
+            f.write(record.to_json())
+        files = {m: local_path(u) for m, u in partition.members.items()}
+        if lineage.MEMBER_NAME in files:
+            raise CkptError(partition.url, f"partition already has a {lineage.MEMBER_NAME}")
+        files[lineage.MEMBER_NAME] = member
+        size = package_nemo(files, out_path, overwrite=True)
+    return Packaged(out_path, size, lineage.sha256_file(out_path), time.perf_counter() - start)
+
+
+@task(name="package")
+def package(
+    partition: Partition, record: lineage.LineageRecord, work_dir: str, name: str
+) -> Packaged:
+    """Tar the partition and the lineage member into ``<work_dir>/package-<id>/<name>``."""
+    out = os.path.join(work_dir, f"package-{uuid.uuid4().hex[:12]}", name)
+    return package_partition(partition, record, out)
+
+
+@dataclass(frozen=True)
+class Verified:
+    """A passed comparison of source and output logits."""
+
+    info: lineage.VerifyInfo
+    seconds: float
+
+
+def verify_models(
+    fetched: FetchedCheckpoint, packaged: Packaged, tolerance: float = 1e-5
+) -> Verified:
+    """Source and ``.nemo`` on the same images; ``CkptError`` if the logits differ."""
+    start = time.perf_counter()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    report = api.verify(fetched.open_url, packaged.path, tolerance=tolerance, device=device)
+    if not report.passed:
+        raise CkptError(
+            packaged.path,
+            f"verify failed: max |logit diff| {report.max_abs_diff:.3g} > tolerance "
+            f"{tolerance:g} on {report.images} images; nothing was uploaded",
+        )
+    info = lineage.VerifyInfo(
+        max_abs_diff=report.max_abs_diff,
+        tolerance=report.tolerance,
+        images=report.images,
+        passed=report.passed,
+        device=device,
+    )
+    return Verified(info, time.perf_counter() - start)
+
+
+@task(name="verify")
+def verify_output(
+    fetched: FetchedCheckpoint, packaged: Packaged, tolerance: float = 1e-5
+) -> Verified:
+    """Logits of source and output on deterministic images must agree within ``tolerance``."""
+    return verify_models(fetched, packaged, tolerance)

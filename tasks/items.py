@@ -1,0 +1,439 @@
+"""The mapped repartition: one Prefect task per target rank file, on threads, Dask or Ray.
+
+``ckptcore.workplan`` cuts a conversion into independent work items, one per target rank file.
+Here each item is a task that opens the source itself (``s3://`` with ranged reads, or a folder
+every worker sees), streams its one rank file with ``engine.write_rank`` straight into the
+staging location (``fs.open(url, "wb")``; locally a temporary name renamed into place) and
+returns an :class:`ItemResult` saying which worker did it, how many bytes and how long.
+``hash_source`` streams one remote source file for its sha256 (lineage), mapped beside the items.
+
+``make_task_runner`` turns a runner spec (``threads[:N]``, ``dask``, ``dask://host:8786``,
+``ray``, ``ray://host:10001``) into a Prefect task runner; ``package_staged`` tars a partition
+whose members may sit in object storage, streaming them into the ``.nemo`` without a local copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+from prefect import task
+from prefect.cache_policies import NONE
+from prefect.logging import get_run_logger
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+
+from ckptcore import lineage
+from ckptcore.api import package_nemo
+from ckptcore.engine import file_layout, write_file, write_rank
+from ckptcore.errors import CkptError
+from ckptcore.formats import nemo as nemo_fmt
+from ckptcore.plan import FilePlan, Plan
+from ckptcore.sources import open_checkpoint
+from ckptcore.storage import get_fs, is_local, join, local_path
+from tasks import settings
+from tasks.convert import PARTITION_MANIFEST, Packaged, Partition
+from tasks.retry import retry_transient
+from tasks.source import FetchedCheckpoint, SourceListing
+
+CHUNK_BYTES = 8 << 20
+
+# ------------------------------------------------------------------------------ runners
+
+
+@dataclass(frozen=True)
+class RunnerSpec:
+    """A parsed runner: ``kind`` (threads | dask | ray), a scheduler address, a worker count."""
+
+    kind: str
+    address: str | None = None
+    workers: int | None = None
+
+    def describe(self) -> str:
+        if self.kind == "threads":
+            return f"ThreadPoolTaskRunner ({self.workers or 'default'} threads)"
+        if self.kind == "dask":
+            where = self.address or f"a LocalCluster of {self.workers or 'default'} processes"
+            return f"DaskTaskRunner on {where}"
+        return f"RayTaskRunner on {self.address or 'a local Ray instance'}"
+
+
+def parse_runner(raw: str, workers: int | None = None) -> RunnerSpec:
+    """``threads[:N]`` | ``dask`` | ``dask://host:port`` (``tcp://``, ``tls://``) | ``ray`` |
+    ``ray://host:port``; ``workers`` sizes a thread pool or a Dask ``LocalCluster``."""
+    raw = raw.strip()
+    if raw == "threads" or raw.startswith("threads:"):
+        count = raw.partition(":")[2]
+        if count and not count.isdigit():
+            raise CkptError(None, f"runner {raw!r}: expected threads:N")
+        return RunnerSpec("threads", None, int(count) if count else workers)
+    if raw == "dask":
+        return RunnerSpec("dask", None, workers)
+    if raw.startswith("dask://"):
+        return RunnerSpec("dask", "tcp://" + raw[len("dask://") :])
+    if raw.startswith(("tcp://", "tls://")):
+        return RunnerSpec("dask", raw)
+    if raw == "ray":
+        return RunnerSpec("ray")
+    if raw.startswith("ray://"):
+        return RunnerSpec("ray", raw)
+    raise CkptError(
+        None,
+        f"runner {raw!r}: expected threads[:N], dask, dask://host:port, ray or ray://host:port",
+    )
+
+
+def local_cluster_kwargs(workers: int | None) -> dict:
+    """A ``LocalCluster`` of single-threaded worker processes (one item at a time each: its
+    memory stays at the largest tensor it handles), no dashboard."""
+    kwargs: dict = {"processes": True, "threads_per_worker": 1, "dashboard_address": None}
+    if workers:
+        kwargs["n_workers"] = workers
+    return kwargs
+
+
+def make_task_runner(spec: RunnerSpec) -> TaskRunner:
+    """The Prefect task runner of a spec (``prefect-dask`` / ``prefect-ray`` imported on demand)."""
+    if spec.kind == "threads":
+        return ThreadPoolTaskRunner(max_workers=spec.workers)
+    if spec.kind == "dask":
+        try:
+            from prefect_dask import DaskTaskRunner
+        except ImportError:
+            raise CkptError(
+                None, "runner 'dask' needs prefect-dask: pip install 'ckpt-pipeline[dask]'"
+            ) from None
+        if spec.address:
+            return DaskTaskRunner(address=spec.address)
+        return DaskTaskRunner(cluster_kwargs=local_cluster_kwargs(spec.workers))
+    try:
+        from prefect_ray import RayTaskRunner
+    except ImportError:
+        raise CkptError(None, "runner 'ray' needs prefect-ray: pip install prefect-ray") from None
+    return RayTaskRunner(address=spec.address) if spec.address else RayTaskRunner()
+
+
+def worker_identity() -> str:
+    """Who runs this: the Dask worker's address, the Ray worker id, else host:pid/thread."""
+    if "distributed" in sys.modules:
+        try:
+            from distributed import get_worker
+
+            return get_worker().address
+        except ValueError:  # not inside a Dask worker
+            pass
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ctx = ray.get_runtime_context()
+        return f"ray:{ctx.get_node_id()[:8]}/{ctx.get_worker_id()[:8]}"
+    return f"{socket.gethostname()}:{os.getpid()}/{threading.current_thread().name}"
+
+
+# ------------------------------------------------------------------------------ items
+
+
+@dataclass(frozen=True)
+class SourceObject:
+    """What the parent listed for one source file; items check it is still what they read."""
+
+    url: str
+    size_bytes: int
+    etag: str | None
+
+
+def source_objects(listing: SourceListing) -> tuple[SourceObject, ...]:
+    return tuple(SourceObject(f.url, f.size_bytes, f.etag) for f in listing.files)
+
+
+def check_unchanged(objects: tuple[SourceObject, ...]) -> None:
+    """Fail when a source file changed since it was listed (size, or the ETag of an object)."""
+    for obj in objects:
+        fs, path = get_fs(obj.url)
+        info = fs.info(path)
+        etag = str(info.get("ETag") or info.get("etag") or "").strip('"') or None
+        if int(info.get("size") or 0) != obj.size_bytes or (obj.etag and etag != obj.etag):
+            raise CkptError(obj.url, "changed since the conversion was planned; start it again")
+
+
+def items_location(staging: str, listing: SourceListing, plan: Plan) -> str:
+    """A folder under ``staging`` named by the source's content and the plan: the same inputs
+    land in the same place, so a rerun finds the items that already finished."""
+    key = json.dumps([listing.content_key(), plan.digest()])
+    return join(staging, f"items-{hashlib.sha256(key.encode()).hexdigest()[:24]}")
+
+
+@dataclass(frozen=True)
+class ItemResult:
+    """One written target rank file, and who wrote it how fast."""
+
+    member: str  # path inside the .nemo
+    url: str
+    size_bytes: int
+    read_bytes: int  # source bytes the plan reads for it (ckptcore.workplan)
+    tensors: int
+    worker: str
+    seconds: float
+    resumed: bool = False  # found complete from an earlier run, not written again
+
+
+def _exists_with_size(url: str, size: int) -> bool:
+    fs, path = get_fs(url)
+    try:
+        return int(fs.size(path)) == size
+    except FileNotFoundError:
+        return False
+
+
+def write_item_file(
+    source: str,
+    checkpoint: str,
+    objects: tuple[SourceObject, ...],
+    fp: FilePlan,
+    url: str,
+    read_bytes: int = 0,
+) -> ItemResult:
+    """Open the source, stream the one rank file of ``fp`` to ``url``; nothing at ``url``
+    unless complete (S3: the upload completes or is aborted; local: renamed into place)."""
+    start = time.perf_counter()
+    layout = file_layout(fp)
+    tensors = sum(1 for t in fp.tensors if t.spec is not None)
+
+    def result(resumed: bool) -> ItemResult:
+        return ItemResult(
+            fp.path,
+            url,
+            layout.size,
+            read_bytes,
+            tensors,
+            worker_identity(),
+            time.perf_counter() - start,
+            resumed,
+        )
+
+    if _exists_with_size(url, layout.size):
+        return result(True)
+    check_unchanged(objects)
+    with open_checkpoint(source, checkpoint) as ck:
+        if is_local(url):
+            path = local_path(url)
+            if not path.endswith("/" + fp.path):
+                raise CkptError(url, f"a local item URL must end with its member {fp.path}")
+            write_file(ck, fp, path[: -len(fp.path) - 1], allow_nonfinite=False)
+        else:
+            fs, path = get_fs(url)
+            out = fs.open(path, "wb", block_size=settings.upload_chunk_bytes())
+            try:
+                written = write_rank(ck, fp, out.write, layout, allow_nonfinite=False)
+                out.close()
+            except BaseException:
+                discard = getattr(out, "discard", None)
+                if discard is not None:
+                    discard()  # aborts the multipart upload: nothing appears at url
+                    out.closed = True
+                raise
+            if written != layout.size:
+                raise CkptError(url, f"wrote {written} bytes, the plan says {layout.size}")
+    return result(False)
+
+
+@task(
+    name="write-item",
+    retries=settings.retries(),
+    retry_delay_seconds=settings.retry_delays(),
+    retry_jitter_factor=0.5,
+    retry_condition_fn=retry_transient,
+    cache_policy=NONE,
+)
+def write_item(
+    source: str,
+    checkpoint: str,
+    objects: tuple[SourceObject, ...],
+    fp: FilePlan,
+    url: str,
+    read_bytes: int = 0,
+) -> ItemResult:
+    """One work item: the target rank file ``fp.path`` written to ``url`` (see
+    :func:`write_item_file`); memory stays near the largest tensor slice it handles."""
+    item = write_item_file(source, checkpoint, objects, fp, url, read_bytes)
+    get_run_logger().info(
+        "%s: %s bytes %s in %.2f s on %s",
+        item.member,
+        f"{item.size_bytes:,}",
+        "found complete" if item.resumed else "written",
+        item.seconds,
+        item.worker,
+    )
+    return item
+
+
+@dataclass(frozen=True)
+class HashResult:
+    file: lineage.SourceFile
+    worker: str
+    seconds: float
+
+
+def hash_object(obj: SourceObject) -> HashResult:
+    """sha256 of one source file, streamed; fails if it is not what was listed."""
+    start = time.perf_counter()
+    fs, path = get_fs(obj.url)
+    h = hashlib.sha256()
+    got = 0
+    with fs.open(path, "rb", block_size=CHUNK_BYTES) as f:
+        while chunk := f.read(CHUNK_BYTES):
+            h.update(chunk)
+            got += len(chunk)
+    if got != obj.size_bytes:
+        raise CkptError(obj.url, f"changed while being hashed: listed {obj.size_bytes}, read {got}")
+    check_unchanged((obj,))
+    return HashResult(
+        lineage.SourceFile(obj.url, got, h.hexdigest()),
+        worker_identity(),
+        time.perf_counter() - start,
+    )
+
+
+@task(
+    name="hash-source",
+    retries=settings.retries(),
+    retry_delay_seconds=settings.retry_delays(),
+    retry_jitter_factor=0.5,
+    retry_condition_fn=retry_transient,
+    cache_policy=NONE,
+)
+def hash_source(obj: SourceObject) -> HashResult:
+    """The sha256 of one source object for the lineage (what ``fetch`` computes while it
+    downloads), read where the items run instead of on the flow's machine."""
+    return hash_object(obj)
+
+
+# ------------------------------------------------------------------------------ staging
+
+
+def write_small(url: str, data: bytes) -> None:
+    fs, path = get_fs(url)
+    if is_local(url):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    else:
+        with fs.open(path, "wb") as f:
+            f.write(data)
+
+
+def commit_partition(part: Partition, config_yaml: bytes) -> None:
+    """``model_config.yaml`` then ``partition.json`` beside the items (the same layout the
+    ``repartition/vit`` deployment leaves): the staged folder is a complete extracted .nemo."""
+    write_small(part.members[nemo_fmt.CONFIG_NAME], config_yaml)
+    write_small(
+        join(part.url, PARTITION_MANIFEST),
+        json.dumps(part.manifest(), indent=2, sort_keys=True).encode(),
+    )
+
+
+def staged_member(url: str) -> nemo_fmt.MemberData:
+    """A partition member for ``write_nemo``: a local path, or the object streamed in."""
+    if is_local(url):
+        return local_path(url)
+    fs, path = get_fs(url)
+    size = int(fs.size(path))
+
+    def produce(sink) -> None:
+        got = 0
+        with fs.open(path, "rb", block_size=CHUNK_BYTES) as f:
+            while chunk := f.read(CHUNK_BYTES):
+                sink(chunk)
+                got += len(chunk)
+        if got != size:
+            raise CkptError(url, f"changed while being packaged: {got} bytes, expected {size}")
+
+    return nemo_fmt.MemberSource(size, produce)
+
+
+def package_staged_partition(
+    partition: Partition, record: lineage.LineageRecord, out_path: str
+) -> Packaged:
+    """The ``.nemo`` at ``out_path``: the partition's members (local, or streamed from object
+    storage without a local copy) plus a ``lineage.json`` member."""
+    start = time.perf_counter()
+    os.makedirs(os.path.dirname(out_path), exist_ok=True)
+    if lineage.MEMBER_NAME in partition.members:
+        raise CkptError(partition.url, f"partition already has a {lineage.MEMBER_NAME}")
+    files = {m: staged_member(u) for m, u in partition.members.items()}
+    files[lineage.MEMBER_NAME] = record.to_json().encode("utf-8")
+    size = package_nemo(files, out_path, overwrite=True)
+    return Packaged(out_path, size, lineage.sha256_file(out_path), time.perf_counter() - start)
+
+
+@task(name="package")
+def package_staged(
+    partition: Partition, record: lineage.LineageRecord, work_dir: str, name: str
+) -> Packaged:
+    """Tar the staged items, ``model_config.yaml`` and the lineage member into
+    ``<work_dir>/package-<id>/<name>``."""
+    out = os.path.join(work_dir, f"package-{uuid.uuid4().hex[:12]}", name)
+    return package_staged_partition(partition, record, out)
+
+
+# ------------------------------------------------------------------------------ the result
+
+
+@dataclass(frozen=True)
+class MappedPartition:
+    """What the mapped repartition produced: the staged partition, the source record for the
+    lineage (sha256 of every file; ``local_root`` is the source itself, read in place), and
+    one result per item and per hashed file."""
+
+    partition: Partition
+    fetched: FetchedCheckpoint
+    items: tuple[ItemResult, ...]
+    hashes: tuple[HashResult, ...]
+    runner: str
+    flow_run_id: str | None = None
+    flow_run_name: str | None = None
+
+    def note(self) -> str:
+        workers = len({i.worker for i in self.items})
+        run = f" (run {self.flow_run_name}, {self.flow_run_id})" if self.flow_run_id else ""
+        resumed = sum(i.resumed for i in self.items)
+        again = f", {resumed} found complete from an earlier run" if resumed else ""
+        return (
+            f"repartitioned as {len(self.items)} work items on {workers} worker(s) by "
+            f"{self.runner}{run}{again}"
+        )
+
+    def table(self) -> list[dict]:
+        """One row per task: kind, member or file, worker, bytes, seconds (an artifact)."""
+        rows = [
+            {
+                "task": "write-item",
+                "what": i.member,
+                "worker": i.worker,
+                "read_bytes": i.read_bytes,
+                "write_bytes": i.size_bytes,
+                "seconds": round(i.seconds, 3),
+                "resumed": i.resumed,
+            }
+            for i in self.items
+        ]
+        rows += [
+            {
+                "task": "hash-source",
+                "what": h.file.url,
+                "worker": h.worker,
+                "read_bytes": h.file.size_bytes,
+                "write_bytes": 0,
+                "seconds": round(h.seconds, 3),
+                "resumed": False,
+            }
+            for h in self.hashes
+        ]
+        return rows

@@ -1,0 +1,104 @@
+"""Assemble a :class:`ckptcore.lineage.LineageRecord` from task results and the run's identity."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from prefect import runtime
+
+from ckptcore import lineage
+from tasks.convert import Packaged, Partition, Verified
+from tasks.source import FetchedCheckpoint, SourceListing
+
+
+@dataclass(frozen=True)
+class RemoteRun:
+    """A step handed to another deployment: which run did it, where, and the wall time."""
+
+    deployment: str
+    flow_run_id: str
+    flow_run_name: str
+    work_pool: str | None
+    seconds: float
+
+    def note(self) -> str:
+        pool = f" in work pool {self.work_pool}" if self.work_pool else ""
+        return f"repartitioned by {self.deployment} run {self.flow_run_name} ({self.flow_run_id}){pool}"
+
+
+def _plain(value: Any) -> Any:
+    """JSON-safe copy of run parameters (anything odd becomes its string)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def run_info() -> lineage.RunInfo:
+    """The current flow run and deployment, from ``prefect.runtime`` (empty outside a run)."""
+    run_id = runtime.flow_run.id
+    if run_id is None:
+        return lineage.RunInfo()
+    flow_name = runtime.flow_run.flow_name
+    deployment = runtime.deployment.name if runtime.deployment.id else None
+    return lineage.RunInfo(
+        flow_name=flow_name,
+        flow_run_id=str(run_id),
+        flow_run_name=runtime.flow_run.name,
+        deployment_name=f"{flow_name}/{deployment}" if deployment else None,
+        parameters=_plain(dict(runtime.flow_run.parameters or {})),
+    )
+
+
+def start_lineage(
+    listing: SourceListing,
+    fetched: FetchedCheckpoint,
+    partition: Partition,
+    destination: str,
+    remote: RemoteRun | None = None,
+) -> lineage.LineageRecord:
+    """The record as it goes into the archive: everything but the output and verify result.
+
+    ``remote``: the repartition deployment's run, when the step was handed over.
+    """
+    timings = {
+        "list": round(listing.seconds, 3),
+        "fetch": round(fetched.seconds, 3),
+        "repartition": round(partition.seconds, 3),
+    }
+    notes = list(fetched.notes) + [n for n in partition.notes if n not in fetched.notes]
+    if remote is not None:
+        timings["repartition-handoff"] = round(remote.seconds, 3)  # queue + start + run
+        notes.append(remote.note())
+    return lineage.LineageRecord(
+        source=listing.root,
+        checkpoint=listing.checkpoint,
+        source_files=list(fetched.files),
+        source_digest=fetched.digest,
+        step=partition.step,
+        epoch=partition.epoch,
+        source_tp=partition.source_tp,
+        source_pp=partition.source_pp,
+        target_tp=partition.target_tp,
+        target_pp=partition.target_pp,
+        precision=partition.precision,
+        plan_digest=partition.plan_digest,
+        destination=destination,
+        run=run_info(),
+        versions=lineage.collect_versions(),
+        timings=timings,
+        notes=notes,
+    )
+
+
+def finish_lineage(
+    record: lineage.LineageRecord, packaged: Packaged, verified: Verified | None
+) -> lineage.LineageRecord:
+    """The record once the ``.nemo`` exists: its digest and size, the verify result."""
+    timings = {"package": packaged.seconds}
+    if verified is not None:
+        timings["verify"] = verified.seconds
+    return record.completed(
+        output=lineage.OutputInfo(record.destination, packaged.size_bytes, packaged.sha256),
+        verify=verified.info if verified is not None else None,
+        timings=timings,
+    )

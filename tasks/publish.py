@@ -1,0 +1,274 @@
+"""Destinations: check before the work, upload the ``.nemo`` and its lineage after it.
+
+Commit protocol: the ``.nemo`` is written first (S3: one PUT or a multipart upload that only
+becomes visible when complete; local: a temporary name renamed into place), then the sidecar
+``<destination>.lineage.json``. The sidecar marks the upload as committed: a ``.nemo`` without
+one is a leftover of an interrupted run and is removed when the upload task finally fails.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fsspec.callbacks import Callback
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.assets import Asset, AssetProperties, add_asset_metadata, materialize
+from prefect.context import AssetContext
+from prefect.logging import get_run_logger
+from prefect.tasks import MaterializingTask
+
+from ckptcore import lineage, output
+from ckptcore.errors import CkptError
+from ckptcore.storage import get_fs, is_local, local_path
+from tasks import settings
+from tasks.progress import Progress
+from tasks.retry import retry_transient
+
+_ASSET_FORBIDDEN = set("\n\r\t\0 #?&%\"'<>[]{}|\\^`")
+_MAX_ASSET_KEY = 512
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def asset_key(url: str) -> str:
+    """A Prefect asset key for a URL: ``s3://...`` as is, local paths as ``file://``."""
+    key = f"file://{os.path.abspath(local_path(url))}" if is_local(url) else url
+    key = "".join("_" if c in _ASSET_FORBIDDEN else c for c in key)
+    if len(key) > _MAX_ASSET_KEY:
+        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+        key = key[: _MAX_ASSET_KEY - 17] + "-" + digest
+    return key
+
+
+def _exists(url: str) -> bool:
+    fs, path = get_fs(url)
+    return bool(fs.exists(path))
+
+
+def _remove(url: str) -> None:
+    fs, path = get_fs(url)
+    if fs.exists(path):
+        fs.rm_file(path)
+
+
+class _ProgressCallback(Callback):
+    """fsspec transfer callback -> :class:`Progress`."""
+
+    def __init__(self, progress: Progress) -> None:
+        super().__init__()
+        self._progress = progress
+
+    def relative_update(self, inc: int = 1) -> None:
+        self._progress.advance(inc)
+
+    def absolute_update(self, value: int) -> None:
+        self._progress.advance(value - self._progress.done)
+
+
+def put_atomically(
+    local: str,
+    url: str,
+    metadata: dict[str, str] | None = None,
+    content_type: str | None = None,
+    progress: Progress | None = None,
+) -> None:
+    """Copy a local file to ``url`` so that no partial object is ever visible there.
+
+    S3: s3fs ``put_file`` (multipart above two parts of ``CKPT_UPLOAD_CHUNK_BYTES``; an
+    interrupted multipart upload never becomes an object) with user metadata. Local:
+    ``ckptcore.output.atomic_output`` (a hidden work file, fsynced, renamed into place).
+    """
+    progress = progress or Progress(f"upload {url}", 0)
+    if is_local(url):
+        # ckptcore's local commit: a lock beside the destination, leftovers of killed runs
+        # removed, a hidden work file fsynced and renamed over the destination.
+        with output.atomic_output(url, [], overwrite=True) as tmp:
+            with open(local, "rb") as src, open(tmp, "wb") as dst:
+                while chunk := src.read(8 << 20):
+                    dst.write(chunk)
+                    progress.advance(len(chunk))
+                dst.flush()
+                os.fsync(dst.fileno())
+        return
+    fs, path = get_fs(url)
+    kwargs: dict[str, Any] = {}
+    if url.startswith(("s3://", "s3a://")):
+        if metadata:
+            kwargs["Metadata"] = metadata
+        if content_type:
+            kwargs["ContentType"] = content_type
+    fs.put_file(
+        local,
+        path,
+        callback=_ProgressCallback(progress),
+        chunksize=settings.upload_chunk_bytes(),
+        **kwargs,
+    )
+
+
+def write_sidecar(record: lineage.LineageRecord) -> str:
+    """Write ``<destination>.lineage.json`` (atomically); returns its URL."""
+    url = lineage.sidecar_url(record.destination)
+    with tempfile.TemporaryDirectory(prefix="ckpt-sidecar-") as tmp:
+        path = os.path.join(tmp, lineage.MEMBER_NAME)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(record.to_json())
+        put_atomically(path, url, content_type="application/json")
+    return url
+
+
+def read_lineage(destination: str) -> lineage.LineageRecord | None:
+    """The committed lineage record of ``destination``, or None if there is none."""
+    url = lineage.sidecar_url(destination)
+    fs, path = get_fs(url)
+    try:
+        with fs.open(path, "rb") as f:
+            return lineage.LineageRecord.from_json(f.read(), url)
+    except FileNotFoundError:
+        return None
+
+
+# ------------------------------------------------------------------------------ tasks
+
+
+@task(
+    name="check-destination",
+    retries=settings.retries(),
+    retry_delay_seconds=settings.retry_delays(),
+    retry_jitter_factor=0.5,
+    retry_condition_fn=retry_transient,
+)
+def check_destination(destination: str, source: str, overwrite: bool = False) -> str:
+    """Fail early when the destination exists (unless ``overwrite``) or is the source."""
+    if not destination.endswith(".nemo"):
+        raise CkptError(destination, "the destination must be a .nemo file URL")
+    output.check_destination(destination, [source], overwrite)
+    sidecar = lineage.sidecar_url(destination)
+    if not overwrite and _exists(sidecar):
+        raise CkptError(destination, f"already converted: {sidecar} exists (pass overwrite)")
+    return destination
+
+
+@dataclass(frozen=True)
+class Uploaded:
+    """The committed ``.nemo`` and its final lineage record."""
+
+    url: str
+    sidecar: str
+    record: lineage.LineageRecord
+    seconds: float
+
+
+def _upload(packaged_path: str, record: lineage.LineageRecord) -> Uploaded:
+    start = time.perf_counter()
+    destination = record.destination
+    _remove(lineage.sidecar_url(destination))  # an overwritten .nemo is uncommitted until the end
+    size = os.path.getsize(packaged_path)
+    progress = Progress(f"upload {destination}", size)
+    put_atomically(packaged_path, destination, metadata=record.object_metadata(), progress=progress)
+    progress.finish()
+    seconds = time.perf_counter() - start
+    final = record.with_timing("upload", seconds)
+    sidecar = write_sidecar(final)
+    ctx = AssetContext.get()
+    key = asset_key(destination)
+    if ctx is not None and key in {a.key for a in ctx.downstream_assets}:
+        add_asset_metadata(key, final.summary())
+    return Uploaded(destination, sidecar, final, seconds)
+
+
+@materialize(
+    "ckpt://nemo",  # replaced per destination by upload_task()
+    name="upload",
+    retries=settings.retries(),
+    retry_delay_seconds=settings.retry_delays(),
+    retry_jitter_factor=0.5,
+    retry_condition_fn=retry_transient,
+)
+def upload_nemo(packaged_path: str, record: lineage.LineageRecord) -> Uploaded:
+    """Upload the ``.nemo`` with the lineage summary as object metadata, then the sidecar."""
+    return _upload(packaged_path, record)
+
+
+def _remove_uncommitted(destination: str) -> Callable[..., None]:
+    def hook(task: Any, task_run: Any, state: Any) -> None:
+        if not _exists(lineage.sidecar_url(destination)) and _exists(destination):
+            _remove(destination)
+            get_run_logger().warning("removed uncommitted %s", destination)
+
+    hook.__name__ = "remove_uncommitted_upload"
+    return hook
+
+
+def upload_task(destination: str, source: str) -> MaterializingTask:
+    """``upload_nemo`` materialising ``destination`` as an asset derived from ``source``."""
+    return upload_nemo.with_options(
+        assets=[
+            Asset(
+                key=asset_key(destination),
+                properties=AssetProperties(
+                    name=destination.rsplit("/", 1)[-1],
+                    description="NeMo ViT checkpoint (.nemo) converted by ckpt-pipeline; "
+                    f"lineage in {lineage.sidecar_url(destination).rsplit('/', 1)[-1]}",
+                ),
+            )
+        ],
+        asset_deps=[asset_key(source)],
+        on_failure=[_remove_uncommitted(destination)],
+    )
+
+
+@task(name="report-lineage")
+def report_lineage(record: lineage.LineageRecord) -> None:
+    """The lineage as a markdown page and a table of source files on the run's artifacts."""
+    slug = "".join(c if c.isalnum() else "-" for c in record.destination.rsplit("/", 1)[-1].lower())
+    slug = "-".join(p for p in slug.split("-") if p)[:60].strip("-") or "nemo"
+    create_markdown_artifact(
+        record.to_markdown(),
+        key=f"lineage-{slug}",
+        description=f"Lineage of {record.destination}",
+    )
+    create_table_artifact(
+        [{"file": f.url, "bytes": f.size_bytes, "sha256": f.sha256} for f in record.source_files],
+        key=f"source-files-{slug}",
+        description=f"Source files of {record.destination}",
+    )
+    get_run_logger().info("lineage: %s", json.dumps(record.summary(), sort_keys=True))
+
+
+@task(name="clean-work")
+def clean_work(work_dir: str, urls: list[str]) -> list[str]:
+    """Remove this run's work files (local ones only under ``work_dir``); returns what went.
+
+    ``CKPT_KEEP_WORK=1`` keeps them (to inspect a run, or to reuse caches across runs).
+    """
+    if os.environ.get("CKPT_KEEP_WORK", "").strip() not in ("", "0", "false"):
+        return []
+    removed = []
+    root = os.path.abspath(work_dir) + os.sep
+    for url in urls:
+        if is_local(url):
+            path = os.path.abspath(local_path(url))
+            if not path.startswith(root) or not os.path.exists(path):
+                continue
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.unlink(path)
+        else:
+            fs, path = get_fs(url)
+            if not fs.exists(path):
+                continue
+            fs.rm(path, recursive=True)
+        removed.append(url)
+    return removed

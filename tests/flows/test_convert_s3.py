@@ -1,0 +1,187 @@
+"""The ``convert`` flow against a real S3 server (moto) and a real Prefect API (test harness)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+import torch
+
+from ckptcore.api import load_state_dict
+from ckptcore.lineage import SCHEMA, LineageRecord, sha256_file
+from flows.convert import convert_vit
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
+
+def _assert_same_tensors(a: dict, b: dict) -> None:
+    assert list(a) == list(b)
+    for key in a:
+        if a[key] is None:
+            assert b[key] is None, key
+        else:
+            assert a[key].dtype == b[key].dtype, key
+            assert torch.equal(a[key], b[key]), key
+
+
+async def _task_runs(flow_run_id: str) -> dict[str, list[str]]:
+    """{task name: [state name, ...]} of one flow run."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async with get_client() as client:
+        runs = await client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+    out: dict[str, list[str]] = {}
+    for run in runs:
+        out.setdefault(run.name.rsplit("-", 1)[0], []).append(run.state.name)
+    return out
+
+
+async def _artifacts(flow_run_id: str) -> dict[str, str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    async with get_client() as client:
+        arts = await client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    return {(a.key or a.type): a.type for a in arts}
+
+
+async def _asset_events(asset: str) -> list[dict]:
+    """Materialisation events of one asset (the server records events asynchronously)."""
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        for _ in range(40):
+            resp = await client._client.post(
+                "/events/filter",
+                json={
+                    "filter": {
+                        "event": {"prefix": ["prefect.asset.materialization"]},
+                        "resource": {"id": [asset]},
+                    }
+                },
+            )
+            events = resp.json()["events"]
+            if events:
+                return events
+            await asyncio.sleep(0.5)
+    return []
+
+
+def test_tp2_training_checkpoint_in_s3_becomes_tp1_nemo_in_s3(s3, work_dir, prefix, sample_factory):
+    src = f"s3://ckpt-training/{prefix}/checkpoints"
+    dest = f"s3://ckpt-models/{prefix}/vit-tp1.nemo"
+    sample = sample_factory(s3, src, tp=2)
+
+    state = convert_vit(source=src, destination=dest, target_tp=1, target_pp=1, return_state=True)
+    assert state.is_completed(), state
+    summary = state.result()
+
+    # The .nemo holds exactly the source's tensors, merged to TP=1.
+    _, src_sd = load_state_dict(src)
+    cfg, out_sd = load_state_dict(dest)
+    _assert_same_tensors(src_sd, out_sd)
+    assert cfg["tensor_model_parallel_size"] == 1
+    for key, value in sample.state_dict.items():
+        if value is not None:
+            assert torch.equal(out_sd[key], value), key
+
+    # The sidecar is the complete record and matches the uploaded bytes.
+    local_copy = f"{work_dir}/../downloaded.nemo"
+    s3.get_file(dest.removeprefix("s3://"), local_copy)
+    record = LineageRecord.from_json(s3.cat_file(f"{dest}.lineage.json".removeprefix("s3://")))
+    assert record.schema == SCHEMA
+    assert record.output is not None
+    assert record.output.sha256 == sha256_file(local_copy)
+    assert record.output.size_bytes == s3.size(dest.removeprefix("s3://"))
+    assert record.verify is not None and record.verify.passed
+    assert record.verify.max_abs_diff <= 1e-5
+    assert (record.source_tp, record.source_pp, record.target_tp, record.target_pp) == (2, 1, 1, 1)
+    assert record.step == 100 and record.epoch == 1
+    assert record.checkpoint == sample.name
+    assert {f.url for f in record.source_files} == {
+        f"{src}/mp_rank_00/{sample.name}",
+        f"{src}/mp_rank_01/{sample.name}",
+    }
+    for f in record.source_files:
+        rel = f.url.removeprefix(src + "/")
+        assert f.sha256 == sha256_file(f"{sample.local}/{rel}")
+        assert f.size_bytes == s3.size(f.url.removeprefix("s3://"))
+    assert record.run.flow_name == "convert"
+    assert record.run.flow_run_id == str(state.state_details.flow_run_id)
+    assert record.run.parameters["source"] == src
+    assert {"ckpt-pipeline", "torch", "prefect", "python"} <= set(record.versions)
+    assert {"list", "fetch", "repartition", "package", "verify", "upload"} <= set(record.timings)
+
+    # The archive's member is the same record before the output existed.
+    import tarfile
+
+    with tarfile.open(local_copy) as tar:
+        member = json.loads(tar.extractfile("./lineage.json").read())
+    assert member["output"] is None and member["verify"] is None
+    assert member["source_digest"] == record.source_digest
+    assert member["run"]["flow_run_id"] == record.run.flow_run_id
+
+    # Object metadata carries the summary.
+    meta = s3.metadata(dest.removeprefix("s3://"))
+    assert meta["sha256"] == record.output.sha256
+    assert meta["source"] == src
+    assert meta["source-digest"] == record.source_digest
+    assert meta["target-layout"] == "tp1-pp1"
+    assert meta["flow-run-id"] == record.run.flow_run_id
+    assert summary["sha256"] == record.output.sha256
+
+    # Artifacts: the lineage page, the source-file table, progress of the long steps.
+    arts = asyncio.run(_artifacts(record.run.flow_run_id))
+    assert arts.get("lineage-vit-tp1-nemo") == "markdown"
+    assert arts.get("source-files-vit-tp1-nemo") == "table"
+    assert "progress" in arts.values()
+
+    # The .nemo is an asset materialised from the source, with the lineage summary.
+    events = asyncio.run(_asset_events(dest))
+    assert [e["event"] for e in events] == ["prefect.asset.materialization.succeeded"]
+    assert {"prefect.resource.id": src, "prefect.resource.role": "asset"} in events[0]["related"]
+    assert events[0]["payload"]["sha256"] == record.output.sha256
+
+    # Nothing is left in the work folder or the scratch prefix.
+    import os
+
+    assert os.listdir(work_dir) == []
+
+
+def test_rerun_after_a_failed_upload_resumes_from_the_cache(
+    s3, work_dir, prefix, sample_factory, monkeypatch
+):
+    """A run that fails late keeps fetch and repartition results; the rerun reuses them."""
+    import tasks.publish
+
+    src = f"s3://ckpt-training/{prefix}/checkpoints"
+    dest = f"s3://ckpt-models/{prefix}/vit.nemo"
+    sample_factory(s3, src, tp=2)
+
+    calls = {"n": 0}
+    real = tasks.publish.put_atomically
+
+    def broken(*args, **kwargs):
+        calls["n"] += 1
+        raise PermissionError("injected: access denied")  # permanent: no retry
+
+    monkeypatch.setattr(tasks.publish, "put_atomically", broken)
+    first = convert_vit(source=src, destination=dest, target_tp=1, return_state=True)
+    assert first.is_failed()
+    assert calls["n"] == 1  # PermissionError is not transient: tried once
+    assert not s3.exists(dest.removeprefix("s3://"))
+
+    monkeypatch.setattr(tasks.publish, "put_atomically", real)
+    second = convert_vit(source=src, destination=dest, target_tp=1, return_state=True)
+    assert second.is_completed(), second
+    states = asyncio.run(_task_runs(str(second.state_details.flow_run_id)))
+    assert states["fetch"] == ["Cached"]
+    assert states["repartition"] == ["Cached"]
+    assert states["upload"] == ["Completed"]
+    assert s3.exists(f"ckpt-models/{prefix}/vit.nemo.lineage.json")

@@ -1,0 +1,204 @@
+"""Failures: a failed verify uploads nothing; S3 errors are retried for real; an upload killed
+mid-way leaves no object at the destination."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from fault_proxy import FaultProxy
+from flow_helpers import clear_s3_cache
+from prefect import flow
+
+from ckptcore.api import load_state_dict
+from ckptcore.errors import CkptError
+from ckptcore.lineage import LineageRecord, sha256_file
+from flows.convert import convert_vit
+from tasks.source import list_source
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+async def _task_runs(flow_run_id: str) -> dict[str, list[tuple[str, int]]]:
+    """{task name: [(state name, run count), ...]} of one flow run."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async with get_client() as client:
+        runs = await client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+    out: dict[str, list[tuple[str, int]]] = {}
+    for run in runs:
+        out.setdefault(run.name.rsplit("-", 1)[0], []).append((run.state.name, run.run_count))
+    return out
+
+
+@pytest.fixture
+def proxy(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch):
+    """A fault-injecting proxy in front of moto; s3fs talks to it through the environment."""
+    host, port = moto_endpoint.removeprefix("http://").split(":")
+    p = FaultProxy((host, int(port))).start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", p.url)
+    clear_s3_cache()
+    yield p
+    clear_s3_cache()
+    p.stop()
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_failed_verify_uploads_nothing(s3, work_dir, prefix, sample_factory, monkeypatch):
+    """A repartition bug (one head weight off by 1e-3) is caught by verify; nothing is uploaded."""
+    import tasks.convert
+
+    src = f"s3://ckpt-training/{prefix}/checkpoints"
+    dest = f"s3://ckpt-models/{prefix}/vit.nemo"
+    sample_factory(s3, src, tp=2)
+    real = tasks.convert.write_rank_files
+
+    def buggy_write_rank_files(ck, plan, out_dir, **kwargs):
+        files = real(ck, plan, out_dir, **kwargs)
+        path = files["model_weights.ckpt"]
+        sd = torch.load(path, weights_only=True)
+        sd["model.head.dense_out.weight"][0, 0] += 1e-3
+        torch.save(sd, path)
+        return files
+
+    monkeypatch.setattr(tasks.convert, "write_rank_files", buggy_write_rank_files)
+    state = convert_vit(source=src, destination=dest, target_tp=1, return_state=True)
+
+    assert state.is_failed()
+    with pytest.raises(Exception, match="verify failed: max \\|logit diff\\|"):
+        state.result()
+    assert s3.find(f"ckpt-models/{prefix}") == []
+    runs = asyncio.run(_task_runs(str(state.state_details.flow_run_id)))
+    assert runs["verify"] == [("Failed", 1)]  # a CkptError is never retried
+    assert "upload" not in runs
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_s3_errors_during_upload_are_retried_and_the_result_is_complete(
+    s3, proxy, work_dir, prefix, sample_factory, monkeypatch
+):
+    """The first 3 PUTs of the .nemo get HTTP 500. botocore retries once (AWS_MAX_ATTEMPTS=2),
+    then the upload task fails and Prefect retries it; the object ends up whole."""
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    clear_s3_cache()
+    src = f"s3://ckpt-training/{prefix}/checkpoints"
+    dest = f"s3://ckpt-models/{prefix}/vit.nemo"
+    sample = sample_factory(s3, src, tp=2)
+    rule = proxy.fail("PUT", f"/ckpt-models/{prefix}/vit.nemo", count=3)
+    proxy.fail("PUT", f"/ckpt-models/{prefix}/vit.nemo.lineage.json", count=1)  # sidecar: once
+
+    state = convert_vit(source=src, destination=dest, target_tp=1, return_state=True)
+
+    assert state.is_completed(), state
+    assert rule.hits == 3
+    runs = asyncio.run(_task_runs(str(state.state_details.flow_run_id)))
+    assert runs["upload"] == [("Completed", 2)]  # failed once, retried by Prefect
+    record = LineageRecord.from_json(s3.cat_file(f"ckpt-models/{prefix}/vit.nemo.lineage.json"))
+    local = os.path.join(work_dir, "..", "check.nemo")
+    s3.get_file(f"ckpt-models/{prefix}/vit.nemo", local)
+    assert sha256_file(local) == record.output.sha256
+    _, sd = load_state_dict(local)
+    for key, value in sample.state_dict.items():
+        if value is not None:
+            assert torch.equal(sd[key], value), key
+
+
+@flow
+def _list_only(source: str) -> int:
+    return len(list_source(source).files)
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_transient_listing_errors_are_retried_but_missing_sources_are_not(
+    s3, proxy, work_dir, prefix, sample_factory, monkeypatch
+):
+    """Two listings answered with HTTP 500: the list task is retried by Prefect and succeeds.
+    A missing source is a CkptError: one attempt, no retry."""
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    clear_s3_cache()
+    src = f"s3://ckpt-training/{prefix}/checkpoints"
+    sample_factory(s3, src, tp=1)
+    clear_s3_cache()
+    rule = proxy.fail("GET", f"/ckpt-training?list-type=2&prefix={prefix}", count=2)
+
+    state = _list_only(src, return_state=True)
+    assert state.is_completed() and state.result() == 1
+    assert rule.hits == 2
+    runs = asyncio.run(_task_runs(str(state.state_details.flow_run_id)))
+    assert runs["list-source"] == [("Completed", 3)]
+
+    state = _list_only(f"s3://ckpt-training/{prefix}/nothing-here", return_state=True)
+    assert state.is_failed()
+    with pytest.raises(CkptError, match="not found"):
+        state.result()
+    runs = asyncio.run(_task_runs(str(state.state_details.flow_run_id)))
+    assert runs["list-source"] == [("Failed", 1)]
+
+
+_KILLED_UPLOAD = textwrap.dedent(
+    """
+    import sys
+    from tasks.publish import put_atomically
+    put_atomically(sys.argv[1], sys.argv[2], metadata={"sha256": "x"})
+    """
+)
+
+
+def test_an_upload_killed_midway_leaves_no_object(s3, proxy, tmp_path, prefix, monkeypatch):
+    """Like a cancelled run: the process dies during a multipart upload (part 2 is held at
+    the proxy, then the process gets SIGKILL). No object appears at the destination."""
+    monkeypatch.setenv("CKPT_UPLOAD_CHUNK_BYTES", str(5 << 20))
+    big = tmp_path / "big.nemo"
+    big.write_bytes(os.urandom(11 << 20))  # 3 parts of 5 MiB
+    key = f"ckpt-models/{prefix}/big.nemo"
+    held = proxy.fail("PUT", f"/{key}?", count=1, mode="hold", skip=1)
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_UPLOAD, str(big), f"s3://{key}"], env=env, cwd=ROOT
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while held.hits == 0 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert held.hits == 1, f"the upload never reached part 2 (exit {proc.poll()})"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        held.release.set()
+    clear_s3_cache()
+    assert not s3.exists(key)
+    uploads = s3.call_s3("list_multipart_uploads", Bucket="ckpt-models", Prefix=f"{prefix}/")
+    assert len(uploads.get("Uploads", [])) == 1  # invisible; a bucket lifecycle rule expires it
+
+
+def test_a_local_upload_that_fails_midway_leaves_no_file(tmp_path):
+    from tasks.progress import Progress
+    from tasks.publish import put_atomically
+
+    src = tmp_path / "model.nemo"
+    src.write_bytes(os.urandom(20 << 20))
+    dest = tmp_path / "out" / "model.nemo"
+
+    class Boom(Progress):
+        def advance(self, nbytes: int) -> None:
+            super().advance(nbytes)
+            if self.done > (8 << 20):
+                raise KeyboardInterrupt  # what a cancelled run sees
+
+    with pytest.raises(KeyboardInterrupt):
+        put_atomically(str(src), str(dest), progress=Boom("upload", 20 << 20))
+    assert os.listdir(dest.parent) == []
+    put_atomically(str(src), str(dest))
+    assert sha256_file(str(dest)) == sha256_file(str(src))
