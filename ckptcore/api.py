@@ -13,8 +13,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import torch
-
 from ckptcore.dtypes import dtype_info, parse_precision
 from ckptcore.engine import execute, file_layout, materialize, write_rank
 from ckptcore.errors import CkptError, storage_error
@@ -261,12 +259,12 @@ def load_state_dict(source: str | Checkpoint, checkpoint: str = "last") -> tuple
             ck.close()
 
 
-def restore_model(
-    path: str, map_location: str | torch.device | None = None, checkpoint: str = "last"
-):
+def restore_model(path: str, map_location: Any = None, checkpoint: str = "last"):
     from ckptcore.model.vit import VitClassificationModel
 
     config, sd = load_state_dict(path, checkpoint)
+    import torch
+
     dtypes = {v.dtype for v in sd.values() if isinstance(v, torch.Tensor)}
     model = VitClassificationModel(
         config, dtype=dtypes.pop() if len(dtypes) == 1 else None, path=path
@@ -283,6 +281,8 @@ def restore_model(
 
 
 def save_model(model, save_path: str, tp: int = 1, pp: int = 1, overwrite: bool = True) -> str:
+    import torch
+
     config = dict(model.cfg)
     config["tensor_model_parallel_size"] = 1
     config["pipeline_model_parallel_size"] = 1
@@ -361,8 +361,10 @@ class VerifyReport:
         return asdict(self)
 
 
-def sample_images(config: dict, count: int = 4, seed: int = 0) -> torch.Tensor:
+def sample_images(config: dict, count: int = 4, seed: int = 0) -> Any:
     """Deterministic images for comparisons: ``randn`` from a seeded generator."""
+    import torch
+
     g = torch.Generator().manual_seed(seed)
     c = int(config.get("num_channels", 3))
     return torch.randn(count, c, int(config["img_h"]), int(config["img_w"]), generator=g)
@@ -372,6 +374,8 @@ def verify(
     a: str, b: str, tolerance: float = 1e-5, images: int = 4, device: str | None = None
 ) -> VerifyReport:
     """Run both checkpoints on the same deterministic images; compare logits."""
+    import torch
+
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     ma = restore_model(a).to(dev)
     mb = restore_model(b).to(dev)
@@ -386,5 +390,5 @@ def verify(
     return VerifyReport(a, b, diff, tolerance, images, ok)
 
 
-def describe_dtype(dtype: torch.dtype) -> str:
+def describe_dtype(dtype: Any) -> str:
     return dtype_info(dtype).name

@@ -13,11 +13,11 @@ import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
-import torch
 
-from ckptcore.dtypes import BY_NAME
+from ckptcore.dtypes import BY_NAME, dtype_name
 from ckptcore.errors import CkptError
 from ckptcore.formats.torchzip import StateDictLayout
 from ckptcore.formats.zipwriter import FileRange, Sink, file_sink
@@ -29,28 +29,29 @@ Progress = Callable[[str, int], None]
 
 # NaN/Inf test per dtype: the exponent bits all set (numpy view dtype, mask)
 _NONFINITE = {
-    torch.float32: (np.uint32, 0x7F800000),
-    torch.float16: (np.uint16, 0x7C00),
-    torch.bfloat16: (np.uint16, 0x7F80),
-    torch.float64: (np.uint64, 0x7FF0000000000000),
+    "float32": (np.uint32, 0x7F800000),
+    "float16": (np.uint16, 0x7C00),
+    "bfloat16": (np.uint16, 0x7F80),
+    "float64": (np.uint64, 0x7FF0000000000000),
 }
-_NUMPY_FLOAT = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64}
+_NUMPY_FLOAT = {"float32": np.float32, "float16": np.float16, "float64": np.float64}
 BLOCK = 4 << 20  # bytes moved per step: source -> buffer (checks, CRC) -> sink, cache-sized
 
 
-def _read_piece(ck: Checkpoint, pc: Piece, dim: int | None) -> torch.Tensor:
+def _read_piece(ck: Checkpoint, pc: Piece, dim: int | None) -> Any:
     t = ck.ranks[(pc.tp_rank, pc.pp_rank)].tensor(pc.key)
     if pc.start is not None and dim is not None:
         t = t.narrow(dim, pc.start, pc.length)
     return t
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().reshape(-1).view(torch.uint8)
+def _bits(t: Any) -> Any:
+    return t.contiguous().reshape(-1).view(dtype_name("uint8").torch)
 
 
-def _has_nonfinite(buf, dtype: torch.dtype) -> bool:
+def _has_nonfinite(buf, dtype: Any) -> bool:
     """NaN/Inf anywhere in ``buf`` (raw bytes of ``dtype``)."""
+    dtype = dtype_name(dtype)
     if len(buf) == 0 or dtype not in _NONFINITE:
         return False
     if dtype in _NUMPY_FLOAT:
@@ -96,8 +97,10 @@ class Scratch:
             )  # zeros: fault in once
         return buf[:nbytes]
 
-    def view(self, dtype: torch.dtype, shape: tuple[int, ...], nbytes: int) -> torch.Tensor:
-        return torch.from_numpy(self.take(nbytes)).view(dtype).view(shape)
+    def view(self, dtype: Any, shape: tuple[int, ...], nbytes: int) -> Any:
+        import torch
+
+        return torch.from_numpy(self.take(nbytes)).view(dtype_name(dtype).torch).view(shape)
 
 
 Chunk = Span | memoryview
@@ -275,12 +278,14 @@ def nonfinite_check(ck: Checkpoint, tt: TargetTensor) -> Callable[[memoryview], 
 
 def make_tensor(
     ck: Checkpoint, tt: TargetTensor, allow_nonfinite: bool = True, scratch: Scratch | None = None
-) -> torch.Tensor:
+) -> Any:
     """The target tensor of ``tt`` built with torch (any source, any cast).
 
     A single contiguous piece of the right dtype is returned as is (a view of the source);
     anything else is assembled into ``scratch`` (or a new tensor), valid until the next call.
     """
+    import torch
+
     spec = tt.spec
     assert spec is not None
     parts = [_read_piece(ck, pc, tt.dim) for pc in tt.pieces]
@@ -297,7 +302,7 @@ def make_tensor(
     out = (
         scratch.view(spec.dtype, spec.shape, spec.nbytes)
         if scratch is not None
-        else torch.empty(spec.shape, dtype=spec.dtype)
+        else torch.empty(spec.shape, dtype=spec.dtype.torch)
     )
     if len(parts) == 1:
         out.copy_(parts[0])
@@ -321,7 +326,7 @@ def make_tensor(
 
 def iter_file(
     ck: Checkpoint, fp: FilePlan, allow_nonfinite: bool = True
-) -> Iterator[tuple[str, torch.Tensor | None]]:
+) -> Iterator[tuple[str, Any]]:
     for tt in fp.tensors:
         yield tt.key, (None if tt.spec is None else make_tensor(ck, tt, allow_nonfinite))
 

@@ -14,9 +14,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import torch
-
-from ckptcore.dtypes import BY_NAME, CONFIG_PRECISION, dtype_info
+from ckptcore.dtypes import CONFIG_PRECISION, dtype_info, dtype_name
 from ckptcore.errors import CkptError
 from ckptcore.formats.torchzip import TensorSpec
 from ckptcore.layout import RankLayout
@@ -48,7 +46,7 @@ class TargetTensor:
     def spec(self) -> TensorSpec | None:
         if self.dtype is None or self.shape is None:
             return None
-        return TensorSpec(BY_NAME[self.dtype].torch_dtype, self.shape)
+        return TensorSpec(dtype_name(self.dtype), self.shape)
 
     @property
     def nbytes(self) -> int:
@@ -320,7 +318,7 @@ def build_plan(
     target_tp: int | None = None,
     target_pp: int | None = None,
     layers_per_stage: list[int] | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: Any = None,
     check_replicas: bool = True,
 ) -> Plan:
     """Plan the repartition of ``ck`` to ``target_tp`` x ``target_pp`` (None keeps the source's).
@@ -353,7 +351,7 @@ def _build_plan(
     target_tp: int | None,
     target_pp: int | None,
     layers_per_stage: list[int] | None,
-    dtype: torch.dtype | None,
+    dtype: Any,
     check_replicas: bool,
 ) -> Plan:
     fam = family_for(ck.config, _all_keys(ck), ck.url)
@@ -425,8 +423,8 @@ def _build_plan(
     config = dict(ck.config)
     config["tensor_model_parallel_size"] = layout.tp
     config["pipeline_model_parallel_size"] = layout.pp
-    if dtype is not None and dtype in CONFIG_PRECISION:
-        config["precision"] = CONFIG_PRECISION[dtype]
+    if dtype is not None and dtype_name(dtype) in CONFIG_PRECISION:
+        config["precision"] = CONFIG_PRECISION[dtype_name(dtype)]
     if not config.get("target") and fam.default_target:
         config["target"] = fam.default_target
     plan = Plan(fam.name, ck.tp, ck.pp, layout, config, tuple(files))

@@ -15,8 +15,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from ckptcore.errors import CkptError, StorageError, storage_error
 from ckptcore.formats import nemo as nemo_fmt
 from ckptcore.formats.ptl import find_checkpoint
@@ -30,12 +28,17 @@ from ckptcore.storage import ByteSource, LocalFile, Span, get_fs, is_local, loca
 class LazyTensor:
     """A tensor computed on demand (e.g. mapped from a community checkpoint): spec now, bytes later."""
 
-    dtype: torch.dtype
+    dtype: Any  # a DTypeName or a torch dtype
     shape: tuple[int, ...]
-    load: Callable[[], torch.Tensor] = field(compare=False, repr=False)
+    load: Callable[[], Any] = field(compare=False, repr=False)
 
 
-Value = TensorRef | torch.Tensor | LazyTensor | None
+Value = Any  # TensorRef | LazyTensor | torch.Tensor | None
+
+
+def is_tensor(value: Any) -> bool:
+    """A torch tensor (without importing torch: in-memory sources hold them, file sources don't)."""
+    return type(value).__module__.startswith("torch") and hasattr(value, "untyped_storage")
 
 
 def spec_of(value: Value) -> TensorSpec | None:
@@ -51,7 +54,7 @@ class SourceRank:
     name: str
     state: collections.OrderedDict  # key -> Value
     metadata: dict | None
-    reader: Callable[[TensorRef], torch.Tensor] | None = None
+    reader: Callable[[TensorRef], Any] | None = None
     span_reader: Callable[[TensorRef], Span] | None = None
 
     def span(self, key: str) -> Span | None:
@@ -61,9 +64,9 @@ class SourceRank:
             return self.span_reader(value)
         return None
 
-    def tensor(self, key: str) -> torch.Tensor:
+    def tensor(self, key: str) -> Any:
         value = self.state[key]
-        if isinstance(value, torch.Tensor):
+        if is_tensor(value):
             return value
         if isinstance(value, LazyTensor):
             t = value.load()

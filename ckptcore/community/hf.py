@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from ckptcore.community.mapping import Arch, Geometry, KeyScheme
-from ckptcore.dtypes import BY_SAFETENSORS, dtype_info
+from ckptcore.dtypes import BY_SAFETENSORS, dtype_info, dtype_name
 from ckptcore.errors import CkptError
 from ckptcore.formats.torchzip import TorchFile, state_dict_of
 from ckptcore.storage import ByteSource, get_fs, is_local, join, local_path, open_source
@@ -231,7 +231,7 @@ class WeightFiles:
                 continue
             if key in self.specs:
                 raise CkptError(url, f"tensor also stored in {self._where[key]}", key)
-            self.specs[key] = (entry[0], tuple(entry[1]))
+            self.specs[key] = (dtype_name(entry[0]).torch, tuple(entry[1]))  # torch dtypes here
             self._where[key] = url
 
     def _add_sharded(self, index_url: str, kind: type) -> None:

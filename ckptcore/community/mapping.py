@@ -539,7 +539,7 @@ def nemo_config(arch: Arch, layout: str, dtype: torch.dtype) -> dict[str, Any]:
     ``megatron_legacy: False`` (per-head q/k/v rows), the precision of ``dtype``, and
     ``patch_embedding: linear_encoder`` only for that layout.
     """
-    from ckptcore.dtypes import CONFIG_PRECISION
+    from ckptcore.dtypes import CONFIG_PRECISION, dtype_name
     from ckptcore.sample import BASE_CONFIG
 
     if layout not in LAYOUTS:
@@ -567,7 +567,7 @@ def nemo_config(arch: Arch, layout: str, dtype: torch.dtype) -> dict[str, Any]:
         preprocess_layernorm=False,
         tensor_model_parallel_size=1,
         pipeline_model_parallel_size=1,
-        precision=CONFIG_PRECISION.get(dtype, 32),
+        precision=CONFIG_PRECISION.get(dtype_name(dtype), 32),
         megatron_amp_O2=dtype != torch.float32,
     )
     cfg.update(ACTIVATIONS[arch.activation])

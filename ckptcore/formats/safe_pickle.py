@@ -25,9 +25,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
-from ckptcore.dtypes import BY_STORAGE, dtype_info
+from ckptcore.dtypes import BY_STORAGE, DTypeName, dtype_info
 from ckptcore.errors import CkptError
 
 
@@ -36,7 +34,7 @@ class StorageRef:
     """A storage record of a torch zip archive: ``data/<key>`` holding ``numel`` items of ``dtype``."""
 
     key: str
-    dtype: torch.dtype
+    dtype: DTypeName
     numel: int
 
     @property
@@ -54,7 +52,7 @@ class TensorRef:
     stride: tuple[int, ...]
 
     @property
-    def dtype(self) -> torch.dtype:
+    def dtype(self) -> DTypeName:
         return self.storage.dtype
 
     @property
@@ -89,7 +87,7 @@ class TensorRef:
 class _StorageType:
     """Stands in for ``torch.FloatStorage`` & co. inside persistent ids."""
 
-    def __init__(self, dtype: torch.dtype) -> None:
+    def __init__(self, dtype: DTypeName) -> None:
         self.dtype = dtype
 
 
@@ -120,7 +118,7 @@ def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, *rest: An
 
 
 def _rebuild_tensor_v3(storage, offset, size, stride, requires_grad, hooks, dtype, *rest):
-    if isinstance(storage, StorageRef) and isinstance(dtype, torch.dtype):
+    if isinstance(storage, StorageRef) and isinstance(dtype, DTypeName):
         itemsize = dtype_info(dtype).itemsize
         storage = StorageRef(storage.key, dtype, storage.numel // itemsize)
     return _rebuild_tensor(storage, offset, size, stride)
@@ -213,9 +211,9 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("_codecs", "encode"): _encode,
     ("typing", "Any"): typing.Any,
     ("argparse", "Namespace"): argparse.Namespace,
-    **{("torch", cls): _StorageType(info.torch_dtype) for cls, info in BY_STORAGE.items()},
-    ("torch", "UntypedStorage"): _StorageType(torch.uint8),
-    **{("torch", info.name): info.torch_dtype for info in BY_STORAGE.values()},
+    **{("torch", cls): _StorageType(info.dtype) for cls, info in BY_STORAGE.items()},
+    ("torch", "UntypedStorage"): _StorageType(DTypeName("uint8")),
+    **{("torch", info.name): info.dtype for info in BY_STORAGE.values()},
     **{(mod, name): obj for mod in ("builtins", "__builtin__") for name, obj in _BUILTINS.items()},
     **_omegaconf_globals(),
 }

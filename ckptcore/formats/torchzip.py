@@ -21,9 +21,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
-from ckptcore.dtypes import dtype_info
+from ckptcore.dtypes import DTypeName, dtype_info, dtype_name
 from ckptcore.errors import CkptError
 from ckptcore.formats.safe_pickle import StorageRef, TensorRef, load_pickle
 from ckptcore.formats.zipwriter import Sink, TorchZipWriter, archive_size, file_sink
@@ -191,16 +189,18 @@ class TorchFile:
         whole = ref.offset == 0 and length == rec.size
         return Span(self.src, start, length, rec.crc if whole and rec.crc else None)
 
-    def tensor(self, ref: TensorRef) -> torch.Tensor:
+    def tensor(self, ref: TensorRef) -> Any:
         """Read one tensor: a view of the mmap for local files, one ranged read for remote ones."""
+        import torch
+
         start, length = self.byte_range(ref)
         lo, _ = ref.span()
         if ref.numel == 0:
-            return torch.empty(ref.shape, dtype=ref.dtype)
+            return torch.empty(ref.shape, dtype=ref.dtype.torch)
         buf = self.src.read(start, length)
         if isinstance(buf, bytes):
             buf = bytearray(buf)
-        flat = torch.frombuffer(buf, dtype=ref.dtype)
+        flat = torch.frombuffer(buf, dtype=ref.dtype.torch)
         return flat.as_strided(ref.shape, ref.stride, ref.offset - lo)
 
 
@@ -228,8 +228,12 @@ def state_dict_of(obj: Any, path: str) -> collections.OrderedDict:
 class TensorSpec:
     """What a tensor to be written will look like; its bytes come later."""
 
-    dtype: torch.dtype
+    dtype: DTypeName
     shape: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dtype", dtype_name(self.dtype))  # torch dtypes welcome
+        object.__setattr__(self, "shape", tuple(self.shape))
 
     @property
     def nbytes(self) -> int:
@@ -380,8 +384,10 @@ class StateDictLayout:
         return w.pos
 
 
-def tensor_bytes(t: torch.Tensor, spec: TensorSpec, key: str) -> memoryview:
+def tensor_bytes(t: Any, spec: TensorSpec, key: str) -> memoryview:
     """The raw bytes of a tensor that must match ``spec``."""
+    import torch
+
     if t.dtype != spec.dtype or tuple(t.shape) != spec.shape:
         raise CkptError(
             None, f"produced {t.dtype} {tuple(t.shape)}, planned {spec.dtype} {spec.shape}", key

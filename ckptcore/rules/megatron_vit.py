@@ -54,7 +54,7 @@ RULES = (
 
 
 def _expected_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...] | None]:
-    from ckptcore.model.vit import expected_shapes
+    from ckptcore.model.config import expected_shapes
 
     return expected_shapes(dict(config), tp=1)
 
