@@ -57,7 +57,7 @@ class RunnerSpec:
 
     def describe(self) -> str:
         if self.kind == "threads":
-            return f"ThreadPoolTaskRunner ({self.workers or 'default'} threads)"
+            return f"ThreadPoolTaskRunner ({self.workers} threads)"
         if self.kind == "dask":
             where = self.address or f"a LocalCluster of {self.workers or 'default'} processes"
             return f"DaskTaskRunner on {where}"
@@ -72,7 +72,8 @@ def parse_runner(raw: str, workers: int | None = None) -> RunnerSpec:
         count = raw.partition(":")[2]
         if count and not count.isdigit():
             raise CkptError(None, f"runner {raw!r}: expected threads:N")
-        return RunnerSpec("threads", None, int(count) if count else workers)
+        # Prefect's default pool is unbounded: every item at once, each with its buffers
+        return RunnerSpec("threads", None, int(count) if count else workers or os.cpu_count() or 1)
     if raw == "dask":
         return RunnerSpec("dask", None, workers)
     if raw.startswith("dask://"):
@@ -117,6 +118,19 @@ def make_task_runner(spec: RunnerSpec) -> TaskRunner:
     except ImportError:
         raise CkptError(None, "runner 'ray' needs prefect-ray: pip install prefect-ray") from None
     return RayTaskRunner(address=spec.address) if spec.address else RayTaskRunner()
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process: ``VmHWM`` (Linux; unlike ``ru_maxrss`` it does
+    not carry over the peak of the process that forked this one), else 0."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def worker_identity() -> str:
@@ -180,6 +194,8 @@ class ItemResult:
     worker: str
     seconds: float
     resumed: bool = False  # found complete from an earlier run, not written again
+    started: float = 0.0  # time.time() when the task began (to line items up across workers)
+    peak_rss_bytes: int = 0  # the worker process's peak resident memory so far
 
 
 def _exists_with_size(url: str, size: int) -> bool:
@@ -200,7 +216,7 @@ def write_item_file(
 ) -> ItemResult:
     """Open the source, stream the one rank file of ``fp`` to ``url``; nothing at ``url``
     unless complete (S3: the upload completes or is aborted; local: renamed into place)."""
-    start = time.perf_counter()
+    start, started = time.perf_counter(), time.time()
     layout = file_layout(fp)
     tensors = sum(1 for t in fp.tensors if t.spec is not None)
 
@@ -214,6 +230,8 @@ def write_item_file(
             worker_identity(),
             time.perf_counter() - start,
             resumed,
+            started,
+            peak_rss_bytes(),
         )
 
     if _exists_with_size(url, layout.size):
@@ -230,6 +248,8 @@ def write_item_file(
             out = fs.open(path, "wb", block_size=settings.upload_chunk_bytes())
             try:
                 written = write_rank(ck, fp, out.write, layout, allow_nonfinite=False)
+                if written != layout.size:
+                    raise CkptError(url, f"wrote {written} bytes, the plan says {layout.size}")
                 out.close()
             except BaseException:
                 discard = getattr(out, "discard", None)
@@ -237,8 +257,6 @@ def write_item_file(
                     discard()  # aborts the multipart upload: nothing appears at url
                     out.closed = True
                 raise
-            if written != layout.size:
-                raise CkptError(url, f"wrote {written} bytes, the plan says {layout.size}")
     return result(False)
 
 
@@ -277,11 +295,12 @@ class HashResult:
     file: lineage.SourceFile
     worker: str
     seconds: float
+    started: float = 0.0
 
 
 def hash_object(obj: SourceObject) -> HashResult:
     """sha256 of one source file, streamed; fails if it is not what was listed."""
-    start = time.perf_counter()
+    start, started = time.perf_counter(), time.time()
     fs, path = get_fs(obj.url)
     h = hashlib.sha256()
     got = 0
@@ -296,6 +315,7 @@ def hash_object(obj: SourceObject) -> HashResult:
         lineage.SourceFile(obj.url, got, h.hexdigest()),
         worker_identity(),
         time.perf_counter() - start,
+        started,
     )
 
 

@@ -12,7 +12,7 @@
 | ``CKPT_RETRY_BACKOFF`` | ``2`` | first retry delay in seconds, doubled each time (``0`` in tests) |
 | ``CKPT_UPLOAD_CHUNK_BYTES`` | ``67108864`` | multipart part size for S3 uploads (S3 needs >= 5 MiB) |
 | ``CKPT_RUNNER`` | unset (one process) | map the repartition step over the plan's work items (one task per target rank file) on a task runner: ``threads[:N]``, ``dask`` (a ``LocalCluster``), ``dask://host:8786`` (an existing scheduler; also ``tcp://``/``tls://``), ``ray``, ``ray://host:10001``; ``inline`` forces the one-process path. The ``runner`` flow parameter wins over it |
-| ``CKPT_RUNNER_WORKERS`` | unset (the runner's default) | threads of ``threads``, worker processes of a ``dask`` ``LocalCluster`` |
+| ``CKPT_RUNNER_WORKERS`` | unset: CPU count (threads), Dask's default (``LocalCluster``) | threads of ``threads``, worker processes of a ``dask`` ``LocalCluster`` |
 | ``CKPT_STAGING_URL`` | ``CKPT_SCRATCH_URL``, else the work folder | where mapped items write their rank files: object storage, or a folder every worker shares |
 
 Retry settings are read when ``tasks`` is imported (Prefect fixes them on the decorator);

@@ -23,8 +23,6 @@ from flows.convert import convert_vit
 from tasks import settings
 from tasks.items import RunnerSpec, local_cluster_kwargs, parse_runner
 
-pytest.importorskip("prefect_dask")
-
 TWO_PROCESSES = {
     "n_workers": 2,
     "processes": True,
@@ -88,6 +86,7 @@ def _subflow_id(record: LineageRecord) -> str:
 def test_dask_local_cluster_output_equals_the_one_process_run(
     s3, work_dir, prefix, sample_factory, monkeypatch
 ):
+    pytest.importorskip("prefect_dask")
     src = f"s3://ckpt-training/{prefix}/checkpoints"
     sample_factory(s3, src, tp=2)
     monkeypatch.setenv("CKPT_SCRATCH_URL", f"s3://ckpt-scratch/{prefix}")
