@@ -20,6 +20,7 @@ import fcntl
 import os
 import re
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -95,7 +96,12 @@ def destination_lock(dest: str) -> Iterator[str]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = _holder(fd)
+            holder = ""
+            for _ in range(100):  # the holder writes its pid right after taking the lock
+                holder = _holder(fd)
+                if holder:
+                    break
+                time.sleep(0.01)
             os.close(fd)
             raise CkptError(
                 dest,
