@@ -28,7 +28,7 @@ from ckptcore.storage import get_fs, is_local, join, local_path
 from tasks import settings
 from tasks.cache import ContentCache
 from tasks.progress import Progress
-from tasks.retry import retry_transient
+from tasks.retry import storage_retries
 from tasks.source import FetchedCheckpoint
 
 PARTITION_MANIFEST = "partition.json"
@@ -172,10 +172,7 @@ def write_partition(
 
 @task(
     name="repartition",
-    retries=settings.retries(),
-    retry_delay_seconds=settings.retry_delays(),
-    retry_jitter_factor=0.5,
-    retry_condition_fn=retry_transient,
+    **storage_retries(),
     persist_result=True,
     cache_policy=ContentCache(),
 )
@@ -196,10 +193,7 @@ def repartition(
 
 @task(
     name="download-partition",
-    retries=settings.retries(),
-    retry_delay_seconds=settings.retry_delays(),
-    retry_jitter_factor=0.5,
-    retry_condition_fn=retry_transient,
+    **storage_retries(),
 )
 def download_partition(url: str, work_dir: str) -> Partition:
     """Copy a partition that another run left under the scratch prefix into the work folder."""

@@ -39,7 +39,7 @@ from ckptcore.sources import open_checkpoint
 from ckptcore.storage import get_fs, is_local, join, local_path
 from tasks import settings
 from tasks.convert import PARTITION_MANIFEST, Packaged, Partition
-from tasks.retry import retry_transient
+from tasks.retry import storage_retries
 from tasks.source import FetchedCheckpoint, SourceListing
 
 CHUNK_BYTES = 8 << 20
@@ -262,10 +262,7 @@ def write_item_file(
 
 @task(
     name="write-item",
-    retries=settings.retries(),
-    retry_delay_seconds=settings.retry_delays(),
-    retry_jitter_factor=0.5,
-    retry_condition_fn=retry_transient,
+    **storage_retries(),
     cache_policy=NONE,
 )
 def write_item(
@@ -321,10 +318,7 @@ def hash_object(obj: SourceObject) -> HashResult:
 
 @task(
     name="hash-source",
-    retries=settings.retries(),
-    retry_delay_seconds=settings.retry_delays(),
-    retry_jitter_factor=0.5,
-    retry_condition_fn=retry_transient,
+    **storage_retries(),
     cache_policy=NONE,
 )
 def hash_source(obj: SourceObject) -> HashResult:

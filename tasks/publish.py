@@ -31,7 +31,7 @@ from ckptcore.errors import CkptError
 from ckptcore.storage import get_fs, is_local, local_path
 from tasks import settings
 from tasks.progress import Progress
-from tasks.retry import retry_transient
+from tasks.retry import storage_retries
 
 _ASSET_FORBIDDEN = set("\n\r\t\0 #?&%\"'<>[]{}|\\^`")
 _MAX_ASSET_KEY = 512
@@ -143,10 +143,7 @@ def read_lineage(destination: str) -> lineage.LineageRecord | None:
 
 @task(
     name="check-destination",
-    retries=settings.retries(),
-    retry_delay_seconds=settings.retry_delays(),
-    retry_jitter_factor=0.5,
-    retry_condition_fn=retry_transient,
+    **storage_retries(),
 )
 def check_destination(destination: str, source: str, overwrite: bool = False) -> str:
     """Fail early when the destination exists (unless ``overwrite``) or is the source."""
@@ -190,10 +187,7 @@ def _upload(packaged_path: str, record: lineage.LineageRecord) -> Uploaded:
 @materialize(
     "ckpt://nemo",  # replaced per destination by upload_task()
     name="upload",
-    retries=settings.retries(),
-    retry_delay_seconds=settings.retry_delays(),
-    retry_jitter_factor=0.5,
-    retry_condition_fn=retry_transient,
+    **storage_retries(),
 )
 def upload_nemo(packaged_path: str, record: lineage.LineageRecord) -> Uploaded:
     """Upload the ``.nemo`` with the lineage summary as object metadata, then the sidecar."""

@@ -84,3 +84,16 @@ def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
     except Exception as err:  # the result itself could not be read: decide on that error
         exc = err
     return isinstance(exc, BaseException) and is_transient(exc)
+
+
+def storage_retries() -> dict[str, Any]:
+    """The retry settings of every task that talks to storage: transient failures only
+    (:func:`retry_transient`), exponential backoff with jitter, counts from the environment."""
+    from tasks import settings
+
+    return {
+        "retries": settings.retries(),
+        "retry_delay_seconds": settings.retry_delays(),
+        "retry_jitter_factor": 0.5,
+        "retry_condition_fn": retry_transient,
+    }

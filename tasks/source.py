@@ -23,10 +23,9 @@ from ckptcore.formats.nemo import CONFIG_NAME
 from ckptcore.formats.ptl import find_checkpoint
 from ckptcore.layout import parse_rank_folder
 from ckptcore.storage import get_fs, is_local, join, local_path
-from tasks import settings
 from tasks.cache import ContentCache
 from tasks.progress import Progress
-from tasks.retry import retry_transient
+from tasks.retry import storage_retries
 
 CHUNK_BYTES = 8 << 20
 FETCH_MANIFEST = ".fetched.json"
@@ -277,10 +276,7 @@ def fetch_checkpoint(listing: SourceListing, work_dir: str) -> FetchedCheckpoint
 
 @task(
     name="list-source",
-    retries=settings.retries(),
-    retry_delay_seconds=settings.retry_delays(),
-    retry_jitter_factor=0.5,
-    retry_condition_fn=retry_transient,
+    **storage_retries(),
 )
 def list_source(source: str, checkpoint: str = "last") -> SourceListing:
     """Name every file of the checkpoint with its size and ETag (local files: sha256).
@@ -293,10 +289,7 @@ def list_source(source: str, checkpoint: str = "last") -> SourceListing:
 
 @task(
     name="fetch",
-    retries=settings.retries(),
-    retry_delay_seconds=settings.retry_delays(),
-    retry_jitter_factor=0.5,
-    retry_condition_fn=retry_transient,
+    **storage_retries(),
     persist_result=True,
     cache_policy=ContentCache(),
 )

@@ -12,8 +12,7 @@ from ckptcore.errors import CkptError
 from ckptcore.formats.ptl import scan_folder
 from ckptcore.layout import parse_rank_folder
 from ckptcore.storage import get_fs, is_local, join, local_path
-from tasks import settings
-from tasks.retry import retry_transient
+from tasks.retry import storage_retries
 from tasks.source import SourceListing, default_destination
 
 
@@ -81,10 +80,7 @@ def find_pending(training_prefix: str, destination_prefix: str | None = None) ->
 
 @task(
     name="find-unconverted",
-    retries=settings.retries(),
-    retry_delay_seconds=settings.retry_delays(),
-    retry_jitter_factor=0.5,
-    retry_condition_fn=retry_transient,
+    **storage_retries(),
 )
 def find_unconverted(training_prefix: str, destination_prefix: str | None = None) -> list[Pending]:
     """List the training prefix; return the finished checkpoints without a lineage record."""
