@@ -106,6 +106,22 @@ class Scratch:
 Chunk = Span | memoryview
 
 
+def _piece_geometry(
+    shape: tuple[int, ...], d: int, pc: Piece, itemsize: int
+) -> tuple[int, int, int, int]:
+    """A piece of a contiguous source tensor split along ``d``, in bytes: (rows before ``d``,
+    bytes per row, first byte of the piece in a row, bytes of the piece per row)."""
+    outer = 1
+    for s in shape[:d]:
+        outer *= s
+    inner = itemsize
+    for s in shape[d + 1 :]:
+        inner *= s
+    start = 0 if pc.start is None else pc.start
+    length = shape[d] if pc.length is None else pc.length
+    return outer, shape[d] * inner, start * inner, length * inner
+
+
 def _compare_by_crc(a: Span, b: Span) -> bool:
     """Replicas in object storage are compared by their zip records' CRC-32: no bytes fetched."""
     return (a.remote or b.remote) and a.crc is not None and b.crc is not None
@@ -158,15 +174,7 @@ def tensor_chunks(
     itemsize = BY_NAME[tt.dtype].itemsize
     geometry = []
     for (span, shape), pc in zip(spans, tt.pieces, strict=True):
-        outer = 1
-        for s in shape[:d]:
-            outer *= s
-        inner = itemsize
-        for s in shape[d + 1 :]:
-            inner *= s
-        start = 0 if pc.start is None else pc.start
-        length = shape[d] if pc.length is None else pc.length
-        geometry.append((span, outer, shape[d] * inner, start * inner, length * inner))
+        geometry.append((span, *_piece_geometry(shape, d, pc, itemsize)))
     if all(outer == 1 for _, outer, _, _, _ in geometry):  # dim-0 pieces: contiguous byte ranges
         return [Span(span.src, span.offset + lo, n) for span, _, _, lo, n in geometry]
     outer = geometry[0][1]
@@ -206,18 +214,9 @@ def planned_reads(ck: Checkpoint, tt: TargetTensor) -> list[Span]:
         return spans + [pieces[0][0]]
     itemsize = BY_NAME[tt.dtype].itemsize
     for span, shape, pc in pieces:
-        outer = 1
-        for s_ in shape[:d]:
-            outer *= s_
-        if outer != 1:
-            spans.append(span)
-            continue
-        inner = itemsize
-        for s_ in shape[d + 1 :]:
-            inner *= s_
-        start = 0 if pc.start is None else pc.start
-        length = shape[d] if pc.length is None else pc.length
-        spans.append(Span(span.src, span.offset + start * inner, length * inner))
+        outer, _, lo, n = _piece_geometry(shape, d, pc, itemsize)
+        # a dim-0 piece is one byte range; other splits read the whole source tensor to gather
+        spans.append(Span(span.src, span.offset + lo, n) if outer == 1 else span)
     return spans
 
 
