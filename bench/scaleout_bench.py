@@ -4,8 +4,8 @@ Makes a training checkpoint (ViT-Large width, with optimizer state) with ckptcor
 it in a moto S3 server (its own process, 127.0.0.1), then runs the ``repartition-items`` subflow of
 ``flows/convert.py`` once per runner: ``threads:1`` (one worker, in-process) and ``DaskTaskRunner``
 on a ``LocalCluster`` of N single-threaded worker processes. Each ``write-item`` task reads its
-byte ranges of the source from S3 and writes its one target rank file to a fresh staging prefix;
-``hash-source`` tasks stream the source files for their sha256 beside them. Every task reports the
+byte ranges of the source from S3 and writes its one target rank file to a fresh staging prefix
+(the source files are identified by their ETags; nothing else reads them). Every task reports the
 worker that ran it (the Dask worker's address), its start time, bytes, seconds and the worker's
 peak RSS.
 
@@ -138,18 +138,6 @@ def run_once(listing, args, runner: str, workers: int, staging: str) -> dict:
             "rss": i.peak_rss_bytes,
         }
         for i in mapped.items
-    ] + [
-        {
-            "task": "hash-source",
-            "what": h.file.url.rsplit("/", 2)[-2],
-            "worker": h.worker,
-            "read": h.file.size_bytes,
-            "write": 0,
-            "start": h.started,
-            "seconds": h.seconds,
-            "rss": 0,
-        }
-        for h in mapped.hashes
     ]
     first = min(t["start"] for t in tasks)
     span = max(t["start"] + t["seconds"] for t in tasks) - first
@@ -171,25 +159,24 @@ def _fmt_worker(w: str) -> str:
 def report(runs: list[dict], estimates: dict[int, float]) -> str:
     out = ["## Runs", ""]
     out += [
-        "| runner | workers | items | item MB read | item MB written | hashed MB | wall s (incl. start) | tasks span s | MB/s (items+hash, span) | estimate s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| runner | workers | items | item MB read | item MB written | wall s (incl. start) | tasks span s | MB/s (span) | estimate s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]  # fmt: skip
     for r in runs:
         items = [t for t in r["tasks"] if t["task"] == "write-item"]
-        hashed = sum(t["read"] for t in r["tasks"] if t["task"] == "hash-source")
         moved = sum(t["read"] + t["write"] for t in r["tasks"])
         est = estimates.get(r["workers"])
         out.append(
             f"| {r['runner']} | {r['workers']} | {len(items)} | "
             f"{sum(t['read'] for t in items) / MB:.0f} | {sum(t['write'] for t in items) / MB:.0f} | "
-            f"{hashed / MB:.0f} | {r['wall']:.1f} | {r['span']:.1f} | {moved / MB / r['span']:.0f} | "
+            f"{r['wall']:.1f} | {r['span']:.1f} | {moved / MB / r['span']:.0f} | "
             f"{'' if est is None else f'{est:.1f}'} |"
         )
     for r in runs:
         out += ["", f"## Per worker: {r['runner']}", ""]
         out += [
-            "| worker | items | hashes | MB read | MB written | busy s | MB/s busy | peak RSS MB |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|",
+            "| worker | items | MB read | MB written | busy s | MB/s busy | peak RSS MB |",
+            "|---|---:|---:|---:|---:|---:|---:|",
         ]
         by: dict[str, list[dict]] = {}
         for t in r["tasks"]:
@@ -199,7 +186,6 @@ def report(runs: list[dict], estimates: dict[int, float]) -> str:
             moved = sum(t["read"] + t["write"] for t in ts)
             out.append(
                 f"| {_fmt_worker(w)} | {sum(t['task'] == 'write-item' for t in ts)} | "
-                f"{sum(t['task'] == 'hash-source' for t in ts)} | "
                 f"{sum(t['read'] for t in ts) / MB:.0f} | {sum(t['write'] for t in ts) / MB:.0f} | "
                 f"{busy:.1f} | {moved / MB / busy:.0f} | {max(t['rss'] for t in ts) / MB:.0f} |"
             )

@@ -21,7 +21,7 @@ from ckptcore.formats.zipwriter import file_sink
 from ckptcore.output import atomic_output, check_destination
 from ckptcore.plan import Plan, build_plan
 from ckptcore.sources import Checkpoint, open_checkpoint
-from ckptcore.storage import get_fs, is_local
+from ckptcore.storage import RangeCache, get_fs, is_local
 
 Progress = Callable[[str, int], None]
 
@@ -248,9 +248,13 @@ def write_converted(
     )
 
 
-def load_state_dict(source: str | Checkpoint, checkpoint: str = "last") -> tuple[dict, dict]:
-    """(config, merged TP=1/PP=1 state dict) of any supported checkpoint."""
-    ck = source if isinstance(source, Checkpoint) else open_checkpoint(source, checkpoint)
+def load_state_dict(
+    source: str | Checkpoint, checkpoint: str = "last", cache: RangeCache | str | None = None
+) -> tuple[dict, dict]:
+    """(config, merged TP=1/PP=1 state dict) of any supported checkpoint.
+
+    ``cache``: keep (and reuse) the ranges read from object storage in this local folder."""
+    ck = source if isinstance(source, Checkpoint) else open_checkpoint(source, checkpoint, cache)
     try:
         plan = build_plan(ck, 1, 1)
         return plan.config, materialize(ck, plan.files[0])
@@ -259,10 +263,15 @@ def load_state_dict(source: str | Checkpoint, checkpoint: str = "last") -> tuple
             ck.close()
 
 
-def restore_model(path: str, map_location: Any = None, checkpoint: str = "last"):
+def restore_model(
+    path: str,
+    map_location: Any = None,
+    checkpoint: str = "last",
+    cache: RangeCache | str | None = None,
+):
     from ckptcore.model.vit import VitClassificationModel
 
-    config, sd = load_state_dict(path, checkpoint)
+    config, sd = load_state_dict(path, checkpoint, cache)
     import torch
 
     dtypes = {v.dtype for v in sd.values() if isinstance(v, torch.Tensor)}
@@ -371,14 +380,22 @@ def sample_images(config: dict, count: int = 4, seed: int = 0) -> Any:
 
 
 def verify(
-    a: str, b: str, tolerance: float = 1e-5, images: int = 4, device: str | None = None
+    a: str,
+    b: str,
+    tolerance: float = 1e-5,
+    images: int = 4,
+    device: str | None = None,
+    cache: RangeCache | str | None = None,
 ) -> VerifyReport:
-    """Run both checkpoints on the same deterministic images; compare logits."""
+    """Run both checkpoints on the same deterministic images; compare logits.
+
+    ``cache``: a range cache that already holds what a conversion read of a remote ``a`` (or
+    ``b``), so verifying does not fetch those bytes again."""
     import torch
 
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    ma = restore_model(a).to(dev)
-    mb = restore_model(b).to(dev)
+    ma = restore_model(a, cache=cache).to(dev)
+    mb = restore_model(b, cache=cache).to(dev)
     if ma.dims != mb.dims:
         raise CkptError(b, f"model shape differs from {a}: {mb.dims} vs {ma.dims}")
     x = sample_images(ma.cfg, images).to(dev)

@@ -49,20 +49,34 @@ def sha256_file(path: str) -> str:
 
 @dataclass(frozen=True)
 class SourceFile:
-    """One file of the source checkpoint: its URL, size and content digest."""
+    """One file of the source checkpoint: its URL, size and content identity.
+
+    A local file (or a downloaded object) has its sha256. An object read in place from object
+    storage has its ETag instead: hashing it would mean reading every byte of it, optimizer
+    state included, which a conversion does not need.
+    """
 
     url: str
     size_bytes: int
-    sha256: str
+    sha256: str | None = None
+    etag: str | None = None
+
+    @property
+    def identity(self) -> str:
+        """What says the content: the ETag of an object, else the sha256."""
+        return f"etag:{self.etag}" if self.etag else f"sha256:{self.sha256 or ''}"
 
 
 def files_digest(files: list[SourceFile]) -> str:
-    """One digest for a set of files: sha256 over their sorted (name, size, sha256) lines.
+    """One digest for a set of files: sha256 over their sorted (name, size, identity) lines.
 
     Only the file name and its rank folder (``mp_rank_01/``) take part, so the same checkpoint
-    copied to another bucket has the same digest.
+    copied to another prefix has the same digest (for objects: as long as the copy keeps the
+    ETag, as a server-side copy of a single-part object does). An object's identity is its
+    ETag whether or not it was also downloaded and hashed, so a run that reads a source in place
+    and one that downloads it agree on the digest.
     """
-    lines = sorted(f"{_rank_relative(f.url)}\t{f.size_bytes}\t{f.sha256}\n" for f in files)
+    lines = sorted(f"{_rank_relative(f.url)}\t{f.size_bytes}\t{f.identity}\n" for f in files)
     return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
@@ -239,8 +253,8 @@ class LineageRecord:
         ]  # fmt: skip
         lines = [f"# Lineage of `{self.destination.rsplit('/', 1)[-1]}`", "", "| | |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in rows]
-        lines += ["", "## Source files", "", "| file | bytes | sha256 |", "|---|---:|---|"]
-        lines += [f"| `{f.url}` | {f.size_bytes:,} | `{f.sha256}` |" for f in self.source_files]
+        lines += ["", "## Source files", "", "| file | bytes | identity |", "|---|---:|---|"]
+        lines += [f"| `{f.url}` | {f.size_bytes:,} | `{f.identity}` |" for f in self.source_files]
         if self.notes:
             lines += ["", "## Notes", ""] + [f"- {n}" for n in self.notes]
         return "\n".join(lines) + "\n"

@@ -21,7 +21,16 @@ from ckptcore.formats.ptl import find_checkpoint
 from ckptcore.formats.safe_pickle import TensorRef, to_plain
 from ckptcore.formats.torchzip import TensorSpec, TorchFile, state_dict_of
 from ckptcore.layout import parse_rank_folder, rank_folder
-from ckptcore.storage import ByteSource, LocalFile, Span, get_fs, is_local, local_path, open_source
+from ckptcore.storage import (
+    ByteSource,
+    LocalFile,
+    RangeCache,
+    Span,
+    get_fs,
+    is_local,
+    local_path,
+    open_source,
+)
 
 
 @dataclass(frozen=True)
@@ -164,12 +173,12 @@ def _reading(offset: int, length: int) -> str:
     return f"reading bytes {offset}..{offset + length} failed"
 
 
-def open_guarded(url: str) -> ByteSource:
+def open_guarded(url: str, cache: RangeCache | None = None) -> ByteSource:
     """:func:`~ckptcore.storage.open_source`, remote failures (opening included) named."""
     if is_local(url):
         return open_source(url)
     try:
-        return GuardedSource(open_source(url))
+        return GuardedSource(open_source(url, cache))
     except (CkptError, StorageError):
         raise
     except Exception as exc:
@@ -229,8 +238,16 @@ def _check_layout(path: str, config: dict, tp: int, pp: int, what: str, present=
         )
 
 
-def open_checkpoint(url: str, checkpoint: str = "last") -> Checkpoint:
-    """Open a ``.nemo`` (file or folder) or a Lightning training folder/file for lazy reading."""
+def open_checkpoint(
+    url: str, checkpoint: str = "last", cache: RangeCache | str | None = None
+) -> Checkpoint:
+    """Open a ``.nemo`` (file or folder) or a Lightning training folder/file for lazy reading.
+
+    ``cache``: a :class:`~ckptcore.storage.RangeCache` (or its folder) that keeps the byte
+    ranges read from object storage, so opening the same objects again reads them locally.
+    """
+    if isinstance(cache, str):
+        cache = RangeCache(cache)
     fs, path = get_fs(url)
     try:
         is_dir = fs.isdir(path)
@@ -243,24 +260,24 @@ def open_checkpoint(url: str, checkpoint: str = "last") -> Checkpoint:
         raise CkptError(url, "not found")
     if is_dir:
         if fs.exists(path.rstrip("/") + "/" + nemo_fmt.CONFIG_NAME):
-            return _open_nemo_dir(url)
-        return _open_ptl(url, checkpoint)
+            return _open_nemo_dir(url, cache=cache)
+        return _open_ptl(url, checkpoint, cache)
     if url.endswith(".ckpt"):
         parent, name = url.rstrip("/").rsplit("/", 1) if "/" in url else (".", url)
         if parse_rank_folder(parent.rstrip("/").rsplit("/", 1)[-1]) is not None:
             parent = parent.rstrip("/").rsplit("/", 1)[0] if "/" in parent else "."
-        return _open_ptl(parent, name)
-    return _open_nemo_file(url)
+        return _open_ptl(parent, name, cache)
+    return _open_nemo_file(url, cache)
 
 
-def _open_ptl(folder: str, checkpoint: str) -> Checkpoint:
+def _open_ptl(folder: str, checkpoint: str, cache: RangeCache | None = None) -> Checkpoint:
     found = find_checkpoint(folder, checkpoint)
     ranks: dict[tuple[int, int], SourceRank] = {}
     steps: dict[str, Any] = {}
     config: dict | None = None
     epoch = None
     for rank, url in sorted(found.files.items()):
-        src = open_guarded(url)
+        src = open_guarded(url, cache)
         sr, obj = _torch_rank(src, *rank)
         if not isinstance(obj, dict) or "state_dict" not in obj:
             raise CkptError(url, "not a Lightning checkpoint (no state_dict)")
@@ -340,8 +357,8 @@ def _check_unique(url: str, rank: tuple[int, int], rel: str, where: dict) -> Non
     where[rank] = rel
 
 
-def _open_nemo_file(url: str) -> Checkpoint:
-    src = open_guarded(url)
+def _open_nemo_file(url: str, cache: RangeCache | None = None) -> Checkpoint:
+    src = open_guarded(url, cache)
     if nemo_fmt.is_gzip(src):
         tmp = tempfile.TemporaryDirectory(prefix="ckpt-nemo-")
         try:
@@ -374,7 +391,9 @@ def _open_nemo_file(url: str) -> Checkpoint:
     return ck
 
 
-def _open_nemo_dir(url: str, display: str | None = None) -> Checkpoint:
+def _open_nemo_dir(
+    url: str, display: str | None = None, cache: RangeCache | None = None
+) -> Checkpoint:
     shown = display or url
     fs, root = get_fs(url)
     try:
@@ -407,7 +426,7 @@ def _open_nemo_dir(url: str, display: str | None = None) -> Checkpoint:
         if is_local(url):
             src: ByteSource = LocalFile(entry["name"], f"{shown}/{rel}")
         else:
-            src = open_guarded(f"{url.rstrip('/')}/{rel}")
+            src = open_guarded(f"{url.rstrip('/')}/{rel}", cache)
         rank_sources[rank] = src
         files.append((f"{shown.rstrip('/')}/{rel}", int(entry.get("size") or 0)))
     ck = _assemble_nemo(shown, config, rank_sources, "nemo-dir")

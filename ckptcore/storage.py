@@ -8,6 +8,8 @@ file-backed pages) and object storage answers with ranged GETs.
 from __future__ import annotations
 
 import collections
+import hashlib
+import json
 import mmap
 import os
 import threading
@@ -147,17 +149,22 @@ class RemoteFile:
     PREFETCH_REQUESTS = 4  # parallel ranged GETs
     PART = 64 << 20  # larger ranges are fetched in parts of this size
 
-    def __init__(self, url: str, size: int | None = None) -> None:
+    def __init__(self, url: str, size: int | None = None, cache: RangeCache | None = None) -> None:
         self.name = url
         self._fs, self._path = get_fs(url)
-        if size is None:
+        etag = None
+        if size is None or cache is not None:
             try:
-                size = int(self._fs.size(self._path))
+                info = self._fs.info(self._path)
             except FileNotFoundError:
                 raise CkptError(url, "file not found") from None
+            size = int(info.get("size") or 0) if size is None else size
+            etag = str(info.get("ETag") or info.get("etag") or "").strip('"') or None
         self.size = size
-        self.bytes_read = 0
+        self.bytes_read = 0  # fetched from storage
         self.requests = 0
+        self.cached_bytes = 0  # answered by the range cache
+        self._cached = cache.entry(url, size, etag) if cache is not None else None
         self._lock = threading.Lock()
         self._planned: collections.deque[tuple[int, int]] = collections.deque()
         self._ahead: dict[tuple[int, int], Future] = {}
@@ -168,12 +175,20 @@ class RemoteFile:
         if length == 0:
             return b""
         _check_range(self.name, offset, length, self.size)
+        cached = self._cached
+        if cached is not None and cached.covers(offset, length):
+            data = cached.read(offset, length)
+            with self._lock:
+                self.cached_bytes += length
+            return data
         data = self._fs.cat_file(self._path, start=offset, end=offset + length)
         with self._lock:
             self.bytes_read += len(data)
             self.requests += 1
         if len(data) != length:
             raise CkptError(self.name, f"short read at {offset}: {len(data)} of {length} bytes")
+        if cached is not None:
+            cached.put(offset, data)
         return data
 
     # -- read-ahead -------------------------------------------------------------------------
@@ -235,6 +250,8 @@ class RemoteFile:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
+        if self._cached is not None:
+            self._cached.close()
 
 
 class SubRange:
@@ -263,8 +280,94 @@ class SubRange:
         pass
 
 
-def open_source(url: str) -> ByteSource:
-    """Open a URL or path for ranged reads."""
+class CachedObject:
+    """The ranges of one remote object kept in a local sparse file of the object's size.
+
+    ``covers`` says whether a range was stored whole; the list of stored ranges is saved beside
+    the data after each write (data first), so a later process finds what an earlier one read.
+    """
+
+    def __init__(self, data_path: str, size: int) -> None:
+        self.path = data_path
+        self._index = data_path + ".ranges.json"
+        self._lock = threading.Lock()
+        self._ranges: list[tuple[int, int]] = []  # sorted, disjoint [start, end)
+        try:
+            with open(self._index, encoding="utf-8") as f:
+                saved = json.load(f)
+            if saved.get("size") == size:
+                self._ranges = [(int(a), int(b)) for a, b in saved["ranges"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            self._ranges = []
+        self._fd = os.open(data_path, os.O_RDWR | os.O_CREAT, 0o600)
+        if os.fstat(self._fd).st_size != size:
+            os.ftruncate(self._fd, size)  # sparse: only stored ranges take disk space
+            self._ranges = []
+        self._size = size
+
+    def covers(self, offset: int, length: int) -> bool:
+        with self._lock:
+            return any(a <= offset and offset + length <= b for a, b in self._ranges)
+
+    def read(self, offset: int, length: int) -> bytes:
+        data = os.pread(self._fd, length, offset)
+        while len(data) < length:  # pread may return short on large reads
+            more = os.pread(self._fd, length - len(data), offset + len(data))
+            if not more:
+                raise CkptError(self.path, f"range cache truncated at {offset + len(data)}")
+            data += more
+        return data
+
+    def put(self, offset: int, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self._fd, view[done:], offset + done)
+        with self._lock:
+            merged: list[tuple[int, int]] = []
+            start, end = offset, offset + len(view)
+            for a, b in self._ranges:
+                if b < start or a > end:
+                    merged.append((a, b))
+                else:
+                    start, end = min(a, start), max(b, end)
+            merged.append((start, end))
+            self._ranges = sorted(merged)
+            tmp = f"{self._index}.{threading.get_ident()}.tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump({"size": self._size, "ranges": self._ranges}, f)
+            os.replace(tmp, self._index)
+
+    def stored_bytes(self) -> int:
+        with self._lock:
+            return sum(b - a for a, b in self._ranges)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class RangeCache:
+    """A local folder that keeps the byte ranges read from remote objects.
+
+    A conversion that reads a checkpoint in place from object storage fetches only the records
+    it needs; with a cache, those ranges also land on local disk, so the next reader of the same
+    object (the verify step, a rerun) reads them locally instead of fetching them again. Each
+    object has one sparse file named by its URL, size and ETag: a changed object is a new entry.
+    """
+
+    def __init__(self, folder: str) -> None:
+        self.folder = local_path(folder)
+
+    def entry(self, url: str, size: int, etag: str | None) -> CachedObject:
+        os.makedirs(self.folder, exist_ok=True)
+        key = hashlib.sha256(f"{url}\t{size}\t{etag or ''}".encode()).hexdigest()[:32]
+        return CachedObject(os.path.join(self.folder, key), size)
+
+
+def open_source(url: str, cache: RangeCache | None = None) -> ByteSource:
+    """Open a URL or path for ranged reads; remote reads go through ``cache`` when given."""
     if is_local(url):
         return LocalFile(local_path(url))
-    return RemoteFile(url)
+    return RemoteFile(url, cache=cache)

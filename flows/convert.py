@@ -1,15 +1,21 @@
 """``convert``: a training checkpoint in object storage -> a verified ``.nemo`` with lineage.
 
-    list-source -> fetch -> repartition (here, or the ``repartition/vit`` deployment in
-    ``gpu-pool``) -> package (with ``lineage.json``) -> verify -> upload (+ sidecar, metadata,
-    asset) -> report-lineage -> clean-work
+    list-source -> locate-source -> repartition (here, or the ``repartition/vit`` deployment
+    in ``gpu-pool``) -> package (with ``lineage.json``) -> verify -> upload (+ sidecar,
+    metadata, asset) -> report-lineage -> clean-work
+
+A source in object storage is read in place: repartition fetches only the byte ranges of the
+model weights (never the optimizer state), keeping them in a range cache in the work folder
+that verify reads again; the source files are identified by their ETags, checked again after
+reading. ``CKPT_SOURCE_READ=download`` fetches every file first instead (``fetch``, with the
+sha256 of each file in the lineage).
 
 The mapped mode (a ``runner`` parameter or ``CKPT_RUNNER``: ``threads``, ``dask``,
-``dask://host:8786``, ``ray``...) replaces fetch + repartition by the ``repartition-items``
+``dask://host:8786``, ``ray``...) replaces locate + repartition by the ``repartition-items``
 subflow: the plan's work items (one per target rank file) run as ``write-item`` tasks on that
 task runner, each reading its byte ranges of the source in place and writing its rank file to
-the staging location, beside ``hash-source`` tasks that digest the source files for the
-lineage; then package (streaming the staged files in) -> verify -> upload as above.
+the staging location; then package (streaming the staged files in) -> verify -> upload as
+above.
 
 Run it locally with ``convert_vit(source=..., destination=...)``; deployed as ``convert/vit``.
 """
@@ -26,7 +32,6 @@ from prefect.deployments import run_deployment
 from prefect.futures import wait
 from prefect.logging import get_run_logger
 
-from ckptcore import lineage
 from ckptcore.api import plan_conversion
 from ckptcore.errors import CkptError
 from ckptcore.formats.nemo import CONFIG_NAME, dump_config
@@ -48,7 +53,6 @@ from tasks.convert import (
 from tasks.items import (
     MappedPartition,
     commit_partition,
-    hash_source,
     items_location,
     make_task_runner,
     package_staged,
@@ -61,11 +65,12 @@ from tasks.publish import check_destination, clean_work, report_lineage, upload_
 from tasks.source import (
     FetchedCheckpoint,
     SourceListing,
+    cache_location,
     default_destination,
-    fetch,
     fetch_location,
-    fetched_is_present,
     list_source,
+    locate_checkpoint,
+    source_for_reading,
 )
 
 
@@ -123,16 +128,14 @@ def repartition_items(
     """The repartition step as one task per target rank file, on this flow's task runner.
 
     Plans here (reading only the source's headers), maps ``write-item`` over the plan's files
-    (each task opens the source itself and streams its file to ``<staging>/items-<key>/``) and
-    ``hash-source`` over the remote source files, then commits the partition
+    (each task opens the source itself and streams its file to ``<staging>/items-<key>/``),
+    then commits the partition
     (``model_config.yaml``, ``partition.json``). Items found complete from an earlier run with
     the same source and plan are not written again. ``runner`` only names the runner in the
     result; ``with_options(task_runner=...)`` chooses it.
     """
     start = time.perf_counter()
     objects = source_objects(listing)
-    remote = [o for o in objects if not is_local(o.url)]
-    hashing = hash_source.map(remote) if remote else []
     checkpoint = listing.checkpoint or "last"
     with open_checkpoint(listing.root, checkpoint) as ck:
         plan = plan_conversion(ck, target_tp, target_pp, precision)
@@ -148,27 +151,9 @@ def repartition_items(
         list(members.values()),
         [w.read_bytes for w in planned],
     )
-    wait([*futures, *hashing])  # let every item finish before failing on one: a rerun resumes
+    wait(futures)  # let every item finish before failing on one: a rerun resumes
     items = tuple(f.result() for f in futures)
-    hashes = tuple(f.result() for f in hashing)
-    hashed = {h.file.url: h.file for h in hashes}
-    files = tuple(
-        hashed[f.url]
-        if f.url in hashed
-        else lineage.SourceFile(f.url, f.size_bytes, f.sha256 or "")
-        for f in listing.files
-    )
-    fetched = FetchedCheckpoint(
-        source=listing.root,
-        kind=listing.kind,
-        checkpoint=listing.checkpoint,
-        local_root=local_path(listing.root) if listing.local else listing.root,
-        files=files,
-        rels=tuple(f.rel for f in listing.files),
-        digest=lineage.files_digest(list(files)),
-        seconds=max((h.seconds for h in hashes), default=0.0),
-        notes=listing.notes,
-    )
+    fetched = locate_checkpoint(listing, settings.work_dir())
     partition = Partition(
         url=location,
         members={**members, CONFIG_NAME: join(location, CONFIG_NAME)},
@@ -190,7 +175,6 @@ def repartition_items(
         partition,
         fetched,
         items,
-        hashes,
         runner,
         str(run_id) if run_id else None,
         runtime.flow_run.name if run_id else None,
@@ -230,7 +214,7 @@ def _work_files(
 ) -> list[str]:
     files = [os.path.dirname(packaged.path), partition.url, location]
     if not listing.local:
-        files.append(fetch_location(listing, work))
+        files += [fetch_location(listing, work), cache_location(listing, work)]
     return list(dict.fromkeys(files))
 
 
@@ -262,7 +246,7 @@ def convert_pipeline(
             listing, destination, target_tp, target_pp, precision, verify, tolerance, work,
             mode, scratch_url,
         )  # fmt: skip
-    fetched = run_cached(fetch, fetched_is_present, listing, work)
+    fetched = source_for_reading(listing, work)
     remote = None
     if repartition_remotely():
         scratch = settings.scratch_url(scratch_url)
@@ -309,11 +293,15 @@ def _convert_mapped(
     upload = upload_task(destination, listing.root)
     uploaded = upload(packaged.path, finish_lineage(record, packaged, verified))
     report_lineage(uploaded.record)
-    clean_work(work, [os.path.dirname(packaged.path), partition.url])
+    clean_work(work, [os.path.dirname(packaged.path), partition.url, *_cache(fetched)])
     staging = partition.url.rsplit("/", 1)[0]
     if is_local(staging) and not _under(local_path(partition.url), work):
         clean_work(staging, [partition.url])  # a shared staging folder outside the work folder
     return uploaded.record.summary()
+
+
+def _cache(fetched: FetchedCheckpoint) -> list[str]:
+    return [fetched.cache_dir] if fetched.cache_dir else []
 
 
 def _under(path: str, folder: str) -> bool:

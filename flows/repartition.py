@@ -1,8 +1,9 @@
 """``repartition``: the GPU-pool half of ``convert`` (deployment ``repartition/vit``).
 
 The parent names the source (already resolved to one checkpoint file name), the digest it
-fetched, the target layout and a scratch prefix; this run fetches the same bytes on its own
-machine, repartitions them and leaves the rank files plus ``partition.json`` under the prefix.
+listed, the target layout and a scratch prefix; this run reads the same source on its own
+machine (in place, or downloaded with ``CKPT_SOURCE_READ=download``), repartitions it and
+leaves the rank files plus ``partition.json`` under the prefix.
 """
 
 from __future__ import annotations
@@ -15,7 +16,13 @@ from tasks import settings
 from tasks.cache import run_cached
 from tasks.convert import partition_is_present, repartition
 from tasks.publish import clean_work
-from tasks.source import fetch, fetch_location, fetched_is_present, list_source, require_digest
+from tasks.source import (
+    cache_location,
+    fetch_location,
+    list_source,
+    require_digest,
+    source_for_reading,
+)
 
 
 @flow(name="repartition")
@@ -42,11 +49,11 @@ def repartition_vit(
     work = settings.work_dir()
     listing = list_source(source, checkpoint)
     downloaded_here = not listing.local and not os.path.exists(fetch_location(listing, work))
-    fetched = run_cached(fetch, fetched_is_present, listing, work)
+    fetched = source_for_reading(listing, work)
     require_digest(fetched, source_digest)
     partition = run_cached(
         repartition, partition_is_present, fetched, target_tp, target_pp, precision, output_url
     )
     if downloaded_here:  # not shared with a parent run on this machine: ours to remove
-        clean_work(work, [fetch_location(listing, work)])
+        clean_work(work, [fetch_location(listing, work), cache_location(listing, work)])
     return partition.manifest()

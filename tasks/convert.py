@@ -29,7 +29,7 @@ from tasks import settings
 from tasks.cache import ContentCache
 from tasks.progress import Progress
 from tasks.retry import storage_retries
-from tasks.source import FetchedCheckpoint
+from tasks.source import FetchedCheckpoint, check_unchanged
 
 PARTITION_MANIFEST = "partition.json"
 
@@ -134,7 +134,7 @@ def write_partition(
     fs, manifest_path = get_fs(join(output_url, PARTITION_MANIFEST))
     if fs.exists(manifest_path):
         fs.rm_file(manifest_path)  # an older partition here is not valid while we rewrite it
-    with open_checkpoint(fetched.open_url) as ck:
+    with open_checkpoint(fetched.open_url, cache=fetched.cache_dir) as ck:
         plan = plan_conversion(ck, target_tp, target_pp, precision)
         tensor_bytes = sum(f.write_bytes for f in plan.files)
         progress = Progress(f"repartition to TP={plan.target.tp} PP={plan.target.pp}", tensor_bytes)
@@ -165,6 +165,8 @@ def write_partition(
             seconds=time.perf_counter() - start,
             notes=tuple(ck.notes),
         )
+    if fetched.in_place:
+        check_unchanged(fetched)  # the bytes read all come from the objects as listed
     with fs.open(manifest_path, "wb") as f:
         f.write(json.dumps(part.manifest(), indent=2, sort_keys=True).encode())
     return part
@@ -253,7 +255,9 @@ def verify_models(
     """Source and ``.nemo`` on the same images; ``CkptError`` if the logits differ."""
     start = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    report = api.verify(fetched.open_url, packaged.path, tolerance=tolerance, device=device)
+    report = api.verify(
+        fetched.open_url, packaged.path, tolerance=tolerance, device=device, cache=fetched.cache_dir
+    )
     if not report.passed:
         raise CkptError(
             packaged.path,

@@ -5,7 +5,6 @@ Here each item is a task that opens the source itself (``s3://`` with ranged rea
 every worker sees), streams its one rank file with ``engine.write_rank`` straight into the
 staging location (``fs.open(url, "wb")``; locally a temporary name renamed into place) and
 returns an :class:`ItemResult` saying which worker did it, how many bytes and how long.
-``hash_source`` streams one remote source file for its sha256 (lineage), mapped beside the items.
 
 ``make_task_runner`` turns a runner spec (``threads[:N]``, ``dask``, ``dask://host:8786``,
 ``ray``, ``ray://host:10001``) into a Prefect task runner; ``package_staged`` tars a partition
@@ -287,46 +286,6 @@ def write_item(
     return item
 
 
-@dataclass(frozen=True)
-class HashResult:
-    file: lineage.SourceFile
-    worker: str
-    seconds: float
-    started: float = 0.0
-
-
-def hash_object(obj: SourceObject) -> HashResult:
-    """sha256 of one source file, streamed; fails if it is not what was listed."""
-    start, started = time.perf_counter(), time.time()
-    fs, path = get_fs(obj.url)
-    h = hashlib.sha256()
-    got = 0
-    with fs.open(path, "rb", block_size=CHUNK_BYTES) as f:
-        while chunk := f.read(CHUNK_BYTES):
-            h.update(chunk)
-            got += len(chunk)
-    if got != obj.size_bytes:
-        raise CkptError(obj.url, f"changed while being hashed: listed {obj.size_bytes}, read {got}")
-    check_unchanged((obj,))
-    return HashResult(
-        lineage.SourceFile(obj.url, got, h.hexdigest()),
-        worker_identity(),
-        time.perf_counter() - start,
-        started,
-    )
-
-
-@task(
-    name="hash-source",
-    **storage_retries(),
-    cache_policy=NONE,
-)
-def hash_source(obj: SourceObject) -> HashResult:
-    """The sha256 of one source object for the lineage (what ``fetch`` computes while it
-    downloads), read where the items run instead of on the flow's machine."""
-    return hash_object(obj)
-
-
 # ------------------------------------------------------------------------------ staging
 
 
@@ -403,13 +362,12 @@ def package_staged(
 @dataclass(frozen=True)
 class MappedPartition:
     """What the mapped repartition produced: the staged partition, the source record for the
-    lineage (sha256 of every file; ``local_root`` is the source itself, read in place), and
-    one result per item and per hashed file."""
+    lineage (the source read in place: local files by sha256, objects by ETag), and one result
+    per item."""
 
     partition: Partition
     fetched: FetchedCheckpoint
     items: tuple[ItemResult, ...]
-    hashes: tuple[HashResult, ...]
     runner: str
     flow_run_id: str | None = None
     flow_run_name: str | None = None
@@ -437,17 +395,5 @@ class MappedPartition:
                 "resumed": i.resumed,
             }
             for i in self.items
-        ]
-        rows += [
-            {
-                "task": "hash-source",
-                "what": h.file.url,
-                "worker": h.worker,
-                "read_bytes": h.file.size_bytes,
-                "write_bytes": 0,
-                "seconds": round(h.seconds, 3),
-                "resumed": False,
-            }
-            for h in self.hashes
         ]
         return rows

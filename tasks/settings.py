@@ -13,6 +13,7 @@
 | ``CKPT_UPLOAD_CHUNK_BYTES`` | ``67108864`` | multipart part size for S3 uploads (S3 needs >= 5 MiB) |
 | ``CKPT_RUNNER`` | unset (one process) | map the repartition step over the plan's work items (one task per target rank file) on a task runner: ``threads[:N]``, ``dask`` (a ``LocalCluster``), ``dask://host:8786`` (an existing scheduler; also ``tcp://``/``tls://``), ``ray``, ``ray://host:10001``; ``inline`` forces the one-process path. The ``runner`` flow parameter wins over it |
 | ``CKPT_RUNNER_WORKERS`` | unset: CPU count (threads), Dask's default (``LocalCluster``) | threads of ``threads``, worker processes of a ``dask`` ``LocalCluster`` |
+| ``CKPT_SOURCE_READ`` | ``in-place`` | how a remote source is read: ``in-place`` (ranged reads of only the records the conversion needs, kept in a local range cache for verify) or ``download`` (fetch every file first, with its sha256 in the lineage) |
 | ``CKPT_STAGING_URL`` | ``CKPT_SCRATCH_URL``, else the work folder | where mapped items write their rank files: object storage, or a folder every worker shares |
 
 Retry settings are read when ``tasks`` is imported (Prefect fixes them on the decorator);
@@ -60,6 +61,14 @@ def scratch_url(explicit: str | None = None) -> str:
             "or pass scratch_url, so the repartition deployment can hand its files back",
         )
     return url.rstrip("/")
+
+
+def source_read() -> str:
+    """``in-place`` (default) or ``download``: see ``CKPT_SOURCE_READ``."""
+    mode = os.environ.get("CKPT_SOURCE_READ", "in-place").strip() or "in-place"
+    if mode not in ("in-place", "download"):
+        raise CkptError(None, f"CKPT_SOURCE_READ={mode!r}: expected in-place or download")
+    return mode
 
 
 def repartition_mode() -> str:

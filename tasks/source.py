@@ -1,9 +1,12 @@
-"""Source checkpoints: list their files, then fetch them to local disk with sha256 digests.
+"""Source checkpoints: list their files, then read them in place or fetch them to local disk.
 
 ``list_source`` names every file of one checkpoint (a Lightning training folder, a ``.nemo``,
 an extracted ``.nemo`` folder) with its size and a content identity (the ETag of an object,
-the sha256 of a local file). ``fetch`` downloads remote files into the work folder, hashing
-as it goes; a local source is used in place.
+the sha256 of a local file). ``locate`` (the default, ``CKPT_SOURCE_READ=in-place``) reads a
+remote source where it is: later steps fetch only the byte ranges they need, keeping them in
+a local range cache so that verify does not fetch them again. ``fetch``
+(``CKPT_SOURCE_READ=download``) downloads every remote file into the work folder, hashing as
+it goes. A local source is always used in place.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from ckptcore.formats.nemo import CONFIG_NAME
 from ckptcore.formats.ptl import find_checkpoint
 from ckptcore.layout import parse_rank_folder
 from ckptcore.storage import get_fs, is_local, join, local_path
-from tasks.cache import ContentCache
+from tasks import settings
+from tasks.cache import ContentCache, run_cached
 from tasks.progress import Progress
 from tasks.retry import storage_retries
 
@@ -71,25 +75,32 @@ class SourceListing:
 
 @dataclass(frozen=True)
 class FetchedCheckpoint:
-    """A checkpoint on local disk, every file with its sha256."""
+    """Where later steps read a checkpoint: local disk (a local source, or one downloaded with
+    every file's sha256), or the object storage it is in (read in place, files by ETag)."""
 
     source: str
     kind: str
     checkpoint: str | None
-    local_root: str
+    local_root: str  # the source itself when read in place (a URL for object storage)
     files: tuple[lineage.SourceFile, ...]
     rels: tuple[str, ...]
     digest: str
     seconds: float = 0.0
     notes: tuple[str, ...] = field(default=())
+    cache_dir: str | None = None  # range cache of a source read in place from object storage
 
     @property
     def open_url(self) -> str:
         """What ``open_checkpoint`` and ``verify`` open: for a training folder, one rank file
         of the chosen checkpoint (so the choice survives without a ``checkpoint`` argument)."""
         if self.kind == "ptl":
-            return os.path.join(self.local_root, sorted(self.rels)[0])
+            return join(self.local_root, sorted(self.rels)[0])
         return self.local_root
+
+    @property
+    def in_place(self) -> bool:
+        """Read where it is in object storage (nothing downloaded)."""
+        return not is_local(self.local_root)
 
     def content_key(self) -> str:
         return hashlib.sha256(f"{self.kind}\t{self.checkpoint}\t{self.digest}".encode()).hexdigest()
@@ -223,24 +234,50 @@ def _download(url: str, dest: str, size: int, progress: Progress) -> str:
     return h.hexdigest()
 
 
+def cache_location(listing: SourceListing, work_dir: str) -> str:
+    """The range cache of a source read in place (removed with the run's work files)."""
+    return os.path.join(work_dir, f"cache-{listing.content_key()[:24]}")
+
+
+def locate_checkpoint(listing: SourceListing, work_dir: str) -> FetchedCheckpoint:
+    """The source where it is: nothing is read here. Files are identified as listed (sha256 of
+    a local file, ETag of an object); a remote source gets a range cache in the work folder."""
+    files = tuple(lineage.SourceFile(f.url, f.size_bytes, f.sha256, f.etag) for f in listing.files)
+    return FetchedCheckpoint(
+        source=listing.root,
+        kind=listing.kind,
+        checkpoint=listing.checkpoint,
+        local_root=local_path(listing.root) if listing.local else listing.root,
+        files=files,
+        rels=tuple(f.rel for f in listing.files),
+        digest=lineage.files_digest(list(files)),
+        seconds=0.0,
+        notes=listing.notes,
+        cache_dir=None if listing.local else cache_location(listing, work_dir),
+    )
+
+
+def check_unchanged(fetched: FetchedCheckpoint) -> None:
+    """Fail when a source object changed (size or ETag) since it was listed: a conversion
+    that read it in place may have mixed old and new bytes."""
+    for f in fetched.files:
+        if is_local(f.url) or not f.etag:
+            continue
+        fs, path = get_fs(f.url)
+        try:
+            info = fs.info(path)
+        except FileNotFoundError:
+            raise CkptError(f.url, "disappeared while being read; start the run again") from None
+        etag = str(info.get("ETag") or info.get("etag") or "").strip('"') or None
+        if int(info.get("size") or 0) != f.size_bytes or etag != f.etag:
+            raise CkptError(f.url, "changed while being read (new ETag); start the run again")
+
+
 def fetch_checkpoint(listing: SourceListing, work_dir: str) -> FetchedCheckpoint:
     """Remote files -> ``<work_dir>/fetch-<content key>/``; a local source stays where it is."""
     start = time.perf_counter()
     if listing.local:
-        files = tuple(
-            lineage.SourceFile(f.url, f.size_bytes, f.sha256 or "") for f in listing.files
-        )
-        return FetchedCheckpoint(
-            source=listing.root,
-            kind=listing.kind,
-            checkpoint=listing.checkpoint,
-            local_root=local_path(listing.root),
-            files=files,
-            rels=tuple(f.rel for f in listing.files),
-            digest=lineage.files_digest(list(files)),
-            seconds=time.perf_counter() - start,
-            notes=listing.notes,
-        )
+        return locate_checkpoint(listing, work_dir)
     folder = fetch_location(listing, work_dir)
     manifest = _read_manifest(folder)
     if not (manifest and manifest.get("content_key") == listing.content_key()):
@@ -256,7 +293,8 @@ def fetch_checkpoint(listing: SourceListing, work_dir: str) -> FetchedCheckpoint
             json.dump(manifest, out, indent=2, sort_keys=True)
         os.replace(tmp, os.path.join(folder, FETCH_MANIFEST))
     files = tuple(
-        lineage.SourceFile(f.url, f.size_bytes, manifest["sha256"][f.rel]) for f in listing.files
+        lineage.SourceFile(f.url, f.size_bytes, manifest["sha256"][f.rel], f.etag)
+        for f in listing.files
     )
     local_root = folder
     if listing.kind == "nemo":
@@ -285,6 +323,20 @@ def list_source(source: str, checkpoint: str = "last") -> SourceListing:
     ``.../<name>.ckpt`` URL of one checkpoint, a ``.nemo`` file or an extracted ``.nemo``.
     """
     return describe_source(source, checkpoint)
+
+
+@task(name="locate-source")
+def locate(listing: SourceListing, work_dir: str) -> FetchedCheckpoint:
+    """Read the source in place (``CKPT_SOURCE_READ=in-place``): nothing is downloaded; the
+    repartition step fetches only the records it needs, into a range cache verify reuses."""
+    return locate_checkpoint(listing, work_dir)
+
+
+def source_for_reading(listing: SourceListing, work_dir: str) -> FetchedCheckpoint:
+    """``locate`` or (``CKPT_SOURCE_READ=download``, remote sources) the cached ``fetch``."""
+    if listing.local or settings.source_read() == "in-place":
+        return locate(listing, work_dir)
+    return run_cached(fetch, fetched_is_present, listing, work_dir)
 
 
 @task(

@@ -105,3 +105,69 @@ def test_nemo_on_s3_reads_in_place_and_failed_upload_leaves_nothing(s3_url, tmp_
     with pytest.raises(CkptError, match="NaN or Inf"):
         convert(str(tmp_path / "bad.nemo"), "s3://ckpts/in/bad-out.nemo")
     assert not fs.exists("ckpts/in/bad-out.nemo")
+
+
+def _spy_remote_files(monkeypatch) -> list[RemoteFile]:
+    opened: list[RemoteFile] = []
+    original = RemoteFile.__init__
+
+    def spy(self, *a, **kw):
+        original(self, *a, **kw)
+        opened.append(self)
+
+    monkeypatch.setattr(RemoteFile, "__init__", spy)
+    return opened
+
+
+def test_range_cache_lets_verify_reuse_what_the_conversion_read(
+    s3_url, tmp_path, monkeypatch
+) -> None:
+    """Convert in place from S3 with a range cache, then verify: the weights are fetched once."""
+    from ckptcore.api import nemo_members, package_nemo, plan_conversion, verify
+
+    fs = s3_url
+    cfg = vit_config("small")
+    local = tmp_path / "ck"
+    write_training_checkpoint(str(local), cfg, tp=2, optimizer=True)
+    fs.put(str(local) + "/", "ckpts/cached/", recursive=True)
+    cache = str(tmp_path / "cache")
+    opened = _spy_remote_files(monkeypatch)
+    out = tmp_path / "out.nemo"
+    with open_checkpoint("s3://ckpts/cached", cache=cache) as ck:
+        plan = plan_conversion(ck, 1, 1, "keep")
+        package_nemo(nemo_members(ck, plan), str(out))
+    weights = sum(f.write_bytes for f in plan.files)
+    converted = sum(f.bytes_read for f in opened)
+    assert converted <= 1.05 * weights, (converted, weights)
+    del opened[:]
+    report = verify("s3://ckpts/cached", str(out), cache=cache)
+    assert report.passed and report.max_abs_diff == 0.0
+    again = sum(f.bytes_read for f in opened)
+    hits = sum(f.cached_bytes for f in opened)
+    # verify found every weight byte in the cache (only a few small replicas may differ)
+    assert hits >= 0.95 * weights, (hits, weights)
+    assert again <= 0.05 * weights, (again, weights)
+
+
+def test_range_cache_never_serves_a_changed_object(s3_url, tmp_path) -> None:
+    from ckptcore.storage import RangeCache
+
+    fs = s3_url
+    fs.pipe("ckpts/blob.bin", b"a" * 1000)
+    cache = RangeCache(str(tmp_path / "cache"))
+    first = RemoteFile("s3://ckpts/blob.bin", cache=cache)
+    assert first.read(100, 50) == b"a" * 50
+    assert first.bytes_read == 50 and first.cached_bytes == 0
+    assert first.read(110, 20) == b"a" * 20  # inside a stored range: local
+    assert first.read(140, 20) == b"a" * 20  # crosses the end of it: fetched
+    assert (first.bytes_read, first.cached_bytes) == (70, 20)
+    first.close()
+    again = RemoteFile("s3://ckpts/blob.bin", cache=cache)  # a later reader, same object
+    assert again.read(100, 60) == b"a" * 60
+    assert (again.bytes_read, again.cached_bytes) == (0, 60)
+    again.close()
+    fs.pipe("ckpts/blob.bin", b"b" * 1000)  # same size, new content: a new ETag
+    changed = RemoteFile("s3://ckpts/blob.bin", cache=cache)
+    assert changed.read(100, 50) == b"b" * 50
+    assert (changed.bytes_read, changed.cached_bytes) == (50, 0)
+    changed.close()

@@ -66,6 +66,21 @@ def s3(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch):
     clear_s3_cache()
 
 
+@pytest.fixture
+def proxy(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch):
+    """A fault-injecting, byte-counting proxy in front of moto; s3fs talks to it through the
+    environment."""
+    from fault_proxy import FaultProxy
+
+    host, port = moto_endpoint.removeprefix("http://").split(":")
+    p = FaultProxy((host, int(port))).start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", p.url)
+    clear_s3_cache()
+    yield p
+    clear_s3_cache()
+    p.stop()
+
+
 @pytest.fixture(scope="session")
 def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """A temporary Prefect server and database for the whole session (~15 s to start)."""

@@ -2,7 +2,9 @@
 
 Requests pass through unchanged (keep-alive, Content-Length or chunked bodies) except the
 first ``count`` that match a rule, which get a real S3 ``500 InternalError`` response, a
-closed connection, or are held until released (to kill the client mid-upload). Tests point ``AWS_ENDPOINT_URL_S3`` at :attr:`FaultProxy.url`.
+closed connection, or are held until released (to kill the client mid-upload). It also counts
+the body bytes it relays, so a test can see what a client really fetched. Tests point
+``AWS_ENDPOINT_URL_S3`` at :attr:`FaultProxy.url`.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class FaultProxy:
         self.upstream = upstream
         self.rules: list[Rule] = []
         self.seen: list[tuple[str, str]] = []
+        self.body_bytes: list[tuple[str, str, int]] = []  # (method, path, response body bytes)
         self._lock = threading.Lock()
         proxy = self
 
@@ -97,6 +100,8 @@ class FaultProxy:
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
+                    with proxy._lock:
+                        proxy.body_bytes.append((self.command, self.path, len(data)))
                 conn.close()
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
@@ -130,6 +135,11 @@ class FaultProxy:
                     rule.failed.append(path)
                     return rule
         return None
+
+    def bytes_read(self, prefix: str) -> int:
+        """Body bytes of the GET responses for paths starting with ``prefix`` (``/bucket/key``)."""
+        with self._lock:
+            return sum(n for m, p, n in self.body_bytes if m == "GET" and p.startswith(prefix))
 
     def start(self) -> FaultProxy:
         self._thread.start()

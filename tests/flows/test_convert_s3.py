@@ -108,10 +108,11 @@ def test_tp2_training_checkpoint_in_s3_becomes_tp1_nemo_in_s3(s3, work_dir, pref
         f"{src}/mp_rank_00/{sample.name}",
         f"{src}/mp_rank_01/{sample.name}",
     }
-    for f in record.source_files:
-        rel = f.url.removeprefix(src + "/")
-        assert f.sha256 == sha256_file(f"{sample.local}/{rel}")
-        assert f.size_bytes == s3.size(f.url.removeprefix("s3://"))
+    for f in record.source_files:  # read in place: identified by ETag, not downloaded to hash
+        info = s3.info(f.url.removeprefix("s3://"))
+        assert f.etag and f.etag == info["ETag"].strip('"')
+        assert f.sha256 is None
+        assert f.size_bytes == info["size"]
     assert record.run.flow_name == "convert"
     assert record.run.flow_run_id == str(state.state_details.flow_run_id)
     assert record.run.parameters["source"] == src
@@ -154,15 +155,18 @@ def test_tp2_training_checkpoint_in_s3_becomes_tp1_nemo_in_s3(s3, work_dir, pref
     assert os.listdir(work_dir) == []
 
 
+@pytest.mark.parametrize("read", ["in-place", "download"])
 def test_rerun_after_a_failed_upload_resumes_from_the_cache(
-    s3, work_dir, prefix, sample_factory, monkeypatch
+    s3, work_dir, prefix, sample_factory, monkeypatch, read
 ):
-    """A run that fails late keeps fetch and repartition results; the rerun reuses them."""
+    """A run that fails late keeps its repartition result (and, downloading, the fetched
+    files); the rerun reuses them."""
     import tasks.publish
 
+    monkeypatch.setenv("CKPT_SOURCE_READ", read)
     src = f"s3://ckpt-training/{prefix}/checkpoints"
     dest = f"s3://ckpt-models/{prefix}/vit.nemo"
-    sample_factory(s3, src, tp=2)
+    sample = sample_factory(s3, src, tp=2)
 
     calls = {"n": 0}
     real = tasks.publish.put_atomically
@@ -181,7 +185,36 @@ def test_rerun_after_a_failed_upload_resumes_from_the_cache(
     second = convert_vit(source=src, destination=dest, target_tp=1, return_state=True)
     assert second.is_completed(), second
     states = asyncio.run(_task_runs(str(second.state_details.flow_run_id)))
-    assert states["fetch"] == ["Cached"]
+    if read == "download":
+        assert states["fetch"] == ["Cached"]
+    else:
+        assert "fetch" not in states and states["locate-source"] == ["Completed"]
     assert states["repartition"] == ["Cached"]
     assert states["upload"] == ["Completed"]
-    assert s3.exists(f"ckpt-models/{prefix}/vit.nemo.lineage.json")
+    record = LineageRecord.from_json(s3.cat_file(f"ckpt-models/{prefix}/vit.nemo.lineage.json"))
+    for f in record.source_files:
+        info = s3.info(f.url.removeprefix("s3://"))
+        assert f.etag == info["ETag"].strip('"')  # the identity either way: digests agree
+        local = f"{sample.local}/{f.url.removeprefix(src + '/')}"
+        assert f.sha256 == (sha256_file(local) if read == "download" else None)
+
+
+def test_convert_reads_only_the_weights_from_s3_once(s3, proxy, work_dir, prefix, sample_factory):
+    """The default flow reads an S3 source in place: the weights' records are fetched once (for
+    repartition; verify reads them from the range cache), the optimizer state never. Counted
+    by the proxy between the flow and the S3 server, not by the client."""
+    src = f"s3://ckpt-training/{prefix}/checkpoints"
+    dest = f"s3://ckpt-models/{prefix}/vit.nemo"
+    sample = sample_factory(s3, src, tp=2, size="small")
+    state = convert_vit(source=src, destination=dest, target_tp=1, return_state=True)
+    assert state.is_completed(), state
+    weights = sum(v.numel() * v.element_size() for v in sample.state_dict.values() if v is not None)
+    files = sum(s3.size(p) for p in s3.find(f"ckpt-training/{prefix}"))
+    read = proxy.bytes_read(f"/ckpt-training/{prefix}/")
+    assert files > 2.5 * weights  # two thirds of the files are optimizer state
+    assert weights <= read <= 1.05 * weights, (read, weights)
+    record = LineageRecord.from_json(s3.cat_file(f"ckpt-models/{prefix}/vit.nemo.lineage.json"))
+    assert record.verify is not None and record.verify.passed
+    import os
+
+    assert os.listdir(work_dir) == []  # the range cache went with the other work files

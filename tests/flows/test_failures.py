@@ -13,7 +13,6 @@ import time
 
 import pytest
 import torch
-from fault_proxy import FaultProxy
 from flow_helpers import clear_s3_cache
 from prefect import flow
 
@@ -39,18 +38,6 @@ async def _task_runs(flow_run_id: str) -> dict[str, list[tuple[str, int]]]:
     for run in runs:
         out.setdefault(run.name.rsplit("-", 1)[0], []).append((run.state.name, run.run_count))
     return out
-
-
-@pytest.fixture
-def proxy(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch):
-    """A fault-injecting proxy in front of moto; s3fs talks to it through the environment."""
-    host, port = moto_endpoint.removeprefix("http://").split(":")
-    p = FaultProxy((host, int(port))).start()
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", p.url)
-    clear_s3_cache()
-    yield p
-    clear_s3_cache()
-    p.stop()
 
 
 @pytest.mark.usefixtures("prefect_api")

@@ -18,6 +18,7 @@ from tasks.source import (
     describe_source,
     fetch_checkpoint,
     fetched_is_present,
+    locate_checkpoint,
     split_checkpoint_url,
 )
 
@@ -152,7 +153,8 @@ def test_listing_and_fetch_of_the_same_checkpoint_in_two_places(
     s3, tmp_path, prefix, sample_factory
 ):
     """The content key of a listing depends on the bytes, not on where they are; fetching
-    records the sha256 of every file; the cache key of fetch ignores paths of the records."""
+    records the sha256 of every file, reading in place the ETag; the cache key of fetch ignores
+    paths of the records."""
     one = f"s3://ckpt-training/{prefix}/a/checkpoints"
     sample = sample_factory(s3, one, tp=2)
     s3.put(sample.local + "/", f"ckpt-training/{prefix}/b/checkpoints/", recursive=True)
@@ -170,7 +172,12 @@ def test_listing_and_fetch_of_the_same_checkpoint_in_two_places(
     local = describe_source(sample.local)
     assert [f.sha256 for f in local.files] == [f.sha256 for f in fa.files]
     assert fetch_checkpoint(local, work).local_root == sample.local  # used in place
-    assert fetch_checkpoint(local, work).digest == fa.digest
+    # objects are identified by ETag whether read in place or downloaded: the digests agree
+    in_place = locate_checkpoint(la, work)
+    assert in_place.digest == fa.digest and in_place.in_place and not fa.in_place
+    assert in_place.cache_dir and in_place.cache_dir.startswith(work)
+    assert [f.etag for f in in_place.files] == [f.etag for f in fa.files]
+    assert all(f.sha256 is None for f in in_place.files)
     assert content_token(fa) == fa.content_key() and "/" not in fa.content_key()
 
     policy = ContentCache()
