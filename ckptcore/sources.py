@@ -65,6 +65,7 @@ class SourceRank:
     metadata: dict | None
     reader: Callable[[TensorRef], Any] | None = None
     span_reader: Callable[[TensorRef], Span] | None = None
+    notes: list[str] = field(default_factory=list)  # about how its file is read
 
     def span(self, key: str) -> Span | None:
         """Where a stored contiguous tensor's bytes are, or None where only :meth:`tensor` works."""
@@ -189,7 +190,7 @@ def _torch_rank(src: ByteSource, tp_rank: int, pp_rank: int) -> tuple[SourceRank
     tf = TorchFile(src)
     sd = state_dict_of(tf.obj, src.name)
     meta = _check_metadata(getattr(sd, "_metadata", None), src.name)
-    return SourceRank(tp_rank, pp_rank, src.name, sd, meta, tf.tensor, tf.span), tf.obj
+    return SourceRank(tp_rank, pp_rank, src.name, sd, meta, tf.tensor, tf.span, tf.notes), tf.obj
 
 
 def _check_metadata(meta: Any, path: str) -> dict | None:
@@ -308,7 +309,7 @@ def _open_ptl(folder: str, checkpoint: str, cache: RangeCache | None = None) -> 
         step=step if isinstance(step, int) else None,
         epoch=epoch if isinstance(epoch, int) else None,
         files=[(u, found.sizes[u]) for u in found.files.values()],
-        notes=found.notes,
+        notes=found.notes + [n for sr in ranks.values() for n in sr.notes],
         name=found.name,
     )
 
@@ -346,7 +347,8 @@ def _assemble_nemo(
     ranks = {}
     for rank, src in sorted(rank_sources.items()):
         ranks[rank] = _torch_rank(src, *rank)[0]
-    return Checkpoint(url=url, kind=kind, config=config, tp=tp, pp=pp, ranks=ranks)
+    notes = [n for sr in ranks.values() for n in sr.notes]
+    return Checkpoint(url=url, kind=kind, config=config, tp=tp, pp=pp, ranks=ranks, notes=notes)
 
 
 def _check_unique(url: str, rank: tuple[int, int], rel: str, where: dict) -> None:

@@ -119,7 +119,13 @@ def _put_file(local: str, url: str, **kwargs: Any) -> None:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         shutil.copyfile(local, path)
     else:
-        fs.put_file(local, path, chunksize=settings.upload_chunk_bytes(), **kwargs)
+        fs.put_file(
+            local,
+            path,
+            chunksize=settings.upload_chunk_bytes(),
+            max_concurrency=settings.upload_concurrency(),
+            **kwargs,
+        )
 
 
 def write_partition(

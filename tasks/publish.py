@@ -112,6 +112,7 @@ def put_atomically(
         path,
         callback=_ProgressCallback(progress),
         chunksize=settings.upload_chunk_bytes(),
+        max_concurrency=settings.upload_concurrency(),
         **kwargs,
     )
 

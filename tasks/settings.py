@@ -11,6 +11,7 @@
 | ``CKPT_RETRIES`` | ``3`` | retries of storage tasks (transient errors only) |
 | ``CKPT_RETRY_BACKOFF`` | ``2`` | first retry delay in seconds, doubled each time (``0`` in tests) |
 | ``CKPT_UPLOAD_CHUNK_BYTES`` | ``67108864`` | multipart part size for S3 uploads (S3 needs >= 5 MiB) |
+| ``CKPT_UPLOAD_CONCURRENCY`` | ``4`` | parts of one S3 upload sent at the same time (each holds a part in memory) |
 | ``CKPT_RUNNER`` | unset (one process) | map the repartition step over the plan's work items (one task per target rank file) on a task runner: ``threads[:N]``, ``dask`` (a ``LocalCluster``), ``dask://host:8786`` (an existing scheduler; also ``tcp://``/``tls://``), ``ray``, ``ray://host:10001``; ``inline`` forces the one-process path. The ``runner`` flow parameter wins over it |
 | ``CKPT_RUNNER_WORKERS`` | unset: CPU count (threads), Dask's default (``LocalCluster``) | threads of ``threads``, worker processes of a ``dask`` ``LocalCluster`` |
 | ``CKPT_SOURCE_READ`` | ``in-place`` | how a remote source is read: ``in-place`` (ranged reads of only the records the conversion needs, kept in a local range cache for verify) or ``download`` (fetch every file first, with its sha256 in the lineage) |
@@ -109,6 +110,13 @@ def upload_chunk_bytes() -> int:
     value = int(_float("CKPT_UPLOAD_CHUNK_BYTES", 64 << 20))
     if value < MIN_PART_BYTES:
         raise CkptError(None, f"CKPT_UPLOAD_CHUNK_BYTES={value}: S3 parts must be >= 5 MiB")
+    return value
+
+
+def upload_concurrency() -> int:
+    value = int(_float("CKPT_UPLOAD_CONCURRENCY", 4))
+    if value < 1:
+        raise CkptError(None, f"CKPT_UPLOAD_CONCURRENCY={value}: must be at least 1")
     return value
 
 

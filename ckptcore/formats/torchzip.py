@@ -3,6 +3,8 @@
 Reader: parse the zip central directory from the tail, unpickle ``<archive>/data.pkl`` with the
 restricted unpickler, and hand out tensors one at a time straight from the stored records
 (mmap locally, ranged reads remotely). Nothing is decompressed or copied up front.
+``torch.save`` never compresses; a re-zipped file's deflated records are inflated one at a time,
+on demand and strictly bounded (:mod:`ckptcore.formats.inflate`), and the file's notes say so.
 
 Writer: :func:`write_state_dict` pickles the state-dict skeleton first (only shapes and dtypes are
 needed), then asks for each tensor in turn and writes its record, so memory stays at one tensor.
@@ -23,6 +25,15 @@ from typing import Any
 
 from ckptcore.dtypes import DTypeName, dtype_info, dtype_name
 from ckptcore.errors import CkptError
+from ckptcore.formats.inflate import (
+    DEFLATED,
+    STORED,
+    Group,
+    InflatedRecord,
+    inflate,
+    inflate_limit,
+    method_name,
+)
 from ckptcore.formats.safe_pickle import StorageRef, TensorRef, load_pickle
 from ckptcore.formats.zipwriter import Sink, TorchZipWriter, archive_size, file_sink
 from ckptcore.storage import ByteSource, Span
@@ -42,8 +53,13 @@ class ZipRecord:
     header_offset: int
     compressed_size: int
     size: int
-    method: int  # 0 = stored
+    method: int  # 0 = stored, 8 = deflate
     crc: int = 0
+    flags: int = 0  # general purpose bit flags; bit 0: encrypted
+
+    @property
+    def compressed(self) -> bool:
+        return self.method != STORED
 
 
 def read_zip_directory(src: ByteSource) -> dict[str, ZipRecord]:
@@ -83,7 +99,7 @@ def read_zip_directory(src: ByteSource) -> dict[str, ZipRecord]:
     for _ in range(count):
         if cd[p : p + 4] != _CENTRAL or p + 46 > len(cd):
             raise CkptError(src.name, "corrupt zip central directory")
-        (method,) = struct.unpack("<H", cd[p + 10 : p + 12])
+        flags, method = struct.unpack("<HH", cd[p + 8 : p + 12])
         (crc,) = struct.unpack("<I", cd[p + 16 : p + 20])
         csize, usize = struct.unpack("<II", cd[p + 20 : p + 28])
         nlen, xlen, clen = struct.unpack("<HHH", cd[p + 28 : p + 34])
@@ -93,7 +109,7 @@ def read_zip_directory(src: ByteSource) -> dict[str, ZipRecord]:
         usize, csize, hoff = _zip64_extra(extra, usize, csize, hoff)
         if name in records:
             raise CkptError(src.name, f"zip archive has two records named {name}")
-        records[name] = ZipRecord(name, hoff, csize, usize, method, crc)
+        records[name] = ZipRecord(name, hoff, csize, usize, method, crc, flags)
         p += 46 + nlen + xlen + clen
     return records
 
@@ -121,6 +137,10 @@ class TorchFile:
     def __init__(self, src: ByteSource) -> None:
         self.src = src
         self.name = src.name
+        self.notes: list[str] = []
+        self._data_offsets: dict[str, int] = {}
+        self._inflated: dict[str, InflatedRecord] = {}
+        self._group = Group()
         self.records = read_zip_directory(src)
         pkl = [n for n in self.records if n.endswith("/data.pkl") and n.count("/") == 1]
         if len(pkl) != 1:
@@ -132,10 +152,16 @@ class TorchFile:
         if rec.size > MAX_PICKLE_BYTES:
             raise CkptError(self.name, f"data.pkl is {rec.size} bytes, over the limit")
         self.obj: Any = load_pickle(bytes(self._record_bytes(rec)), self.name)
-        self._data_offsets: dict[str, int] = {}
+        compressed = sum(r.compressed for r in self.records.values())
+        if compressed:
+            self.notes.append(
+                f"{self.name}: {compressed} of {len(self.records)} zip records are compressed "
+                "(re-zipped?); those read are inflated in memory one at a time instead of "
+                "read in place (slower)"
+            )
 
     def _data_offset(self, rec: ZipRecord) -> int:
-        off = self._data_offsets.get(rec.name) if hasattr(self, "_data_offsets") else None
+        off = self._data_offsets.get(rec.name)
         if off is not None:
             return off
         header = bytes(self.src.read(rec.header_offset, 30))
@@ -147,15 +173,32 @@ class TorchFile:
             raise CkptError(
                 self.name, f"truncated: record {rec.name} runs past the end of the file"
             )
-        if hasattr(self, "_data_offsets"):
-            self._data_offsets[rec.name] = off
+        self._data_offsets[rec.name] = off
         return off
 
-    def _record_bytes(self, rec: ZipRecord) -> bytes | memoryview:
-        if rec.method != 0:
+    def _check_method(self, rec: ZipRecord) -> None:
+        """Stored and deflated records can be read; anything else is refused by name."""
+        if rec.flags & 1:
+            raise CkptError(self.name, f"record {rec.name} is encrypted")
+        if rec.method not in (STORED, DEFLATED):
             raise CkptError(
                 self.name,
-                f"record {rec.name} is compressed; torch checkpoints store records uncompressed",
+                f"record {rec.name} is compressed with {method_name(rec.method)} "
+                f"(zip method {rec.method}); only stored and deflate records can be read",
+            )
+        if rec.method == DEFLATED and rec.size > inflate_limit(rec.compressed_size):
+            raise CkptError(
+                self.name,
+                f"record {rec.name} expands beyond {inflate_limit(rec.compressed_size)} bytes "
+                "(a zip bomb?)",
+            )
+
+    def _record_bytes(self, rec: ZipRecord) -> bytes | memoryview | bytearray:
+        self._check_method(rec)
+        if rec.method == DEFLATED:
+            off = self._data_offset(rec)
+            return inflate(
+                self.src, off, rec.compressed_size, rec.size, rec.crc, self.name, rec.name
             )
         return self.src.read(self._data_offset(rec), rec.size)
 
@@ -164,8 +207,13 @@ class TorchFile:
         rec = self.records.get(name)
         if rec is None:
             raise CkptError(self.name, f"missing storage record data/{storage.key}")
-        if rec.method != 0:
-            raise CkptError(self.name, f"storage record data/{storage.key} is compressed")
+        self._check_method(rec)
+        if rec.compressed and rec.size != storage.nbytes:
+            raise CkptError(
+                self.name,
+                f"compressed storage record data/{storage.key} declares {rec.size} bytes "
+                f"uncompressed, expected {storage.nbytes}",
+            )
         if rec.size < storage.nbytes:
             raise CkptError(
                 self.name,
@@ -173,31 +221,56 @@ class TorchFile:
             )
         return rec
 
-    def byte_range(self, ref: TensorRef) -> tuple[int, int]:
-        """Absolute (offset, length) in the file of the bytes ``ref`` needs."""
+    def record_source(self, rec: ZipRecord) -> tuple[ByteSource, int]:
+        """Where a storage record's bytes are: (source, offset of its first byte in it).
+
+        A stored record is a range of the file itself; a deflated one is its own source of
+        uncompressed bytes, inflated when first read (one per record, made once).
+        """
+        if not rec.compressed:
+            return self.src, self._data_offset(rec)
+        src = self._inflated.get(rec.name)
+        if src is None:
+            made = InflatedRecord(
+                self.src,
+                self._data_offset(rec),
+                rec.compressed_size,
+                rec.size,
+                rec.crc,
+                self.name,
+                rec.name,
+                self._group,
+            )
+            src = self._inflated.setdefault(rec.name, made)  # one per record, threads or not
+        return src, 0
+
+    def byte_range(self, ref: TensorRef) -> tuple[ByteSource, int, int]:
+        """The source holding the bytes ``ref`` needs, and their (offset, length) in it."""
         rec = self.storage_record(ref.storage)
+        src, base = self.record_source(rec)
         itemsize = dtype_info(ref.dtype).itemsize
         lo, hi = ref.span()
-        return self._data_offset(rec) + lo * itemsize, (hi - lo) * itemsize
+        return src, base + lo * itemsize, (hi - lo) * itemsize
 
     def span(self, ref: TensorRef) -> Span:
         """Where a contiguous tensor's bytes are, without reading them."""
         if not ref.is_contiguous():
             raise ValueError("span() needs a contiguous tensor")
-        start, length = self.byte_range(ref)
+        src, start, length = self.byte_range(ref)
         rec = self.storage_record(ref.storage)
         whole = ref.offset == 0 and length == rec.size
-        return Span(self.src, start, length, rec.crc if whole and rec.crc else None)
+        return Span(src, start, length, rec.crc if whole and rec.crc else None)
 
     def tensor(self, ref: TensorRef) -> Any:
-        """Read one tensor: a view of the mmap for local files, one ranged read for remote ones."""
+        """Read one tensor: a view of the mmap for local files, one ranged read for remote ones,
+        a view of the inflated record for deflated ones."""
         import torch
 
-        start, length = self.byte_range(ref)
+        src, start, length = self.byte_range(ref)
         lo, _ = ref.span()
         if ref.numel == 0:
             return torch.empty(ref.shape, dtype=ref.dtype.torch)
-        buf = self.src.read(start, length)
+        buf = src.read(start, length)
         if isinstance(buf, bytes):
             buf = bytearray(buf)
         flat = torch.frombuffer(buf, dtype=ref.dtype.torch)
