@@ -163,6 +163,15 @@ class GuardedSource:
         except Exception as exc:
             raise storage_error(self.name, _reading(offset, len(buf)), exc) from exc
 
+    def read_ranges(self, ranges: list[tuple[int, int]]) -> list[bytes]:
+        try:
+            return self._src.read_ranges(ranges)  # type: ignore[attr-defined]
+        except (CkptError, StorageError):
+            raise
+        except Exception as exc:
+            first = ranges[0] if ranges else (0, 0)
+            raise storage_error(self.name, _reading(*first), exc) from exc
+
     def close(self) -> None:
         self._src.close()
 
@@ -189,6 +198,7 @@ def open_guarded(url: str, cache: RangeCache | None = None) -> ByteSource:
 def _torch_rank(src: ByteSource, tp_rank: int, pp_rank: int) -> tuple[SourceRank, Any]:
     tf = TorchFile(src)
     sd = state_dict_of(tf.obj, src.name)
+    tf.locate([v for v in sd.values() if isinstance(v, TensorRef)])
     meta = _check_metadata(getattr(sd, "_metadata", None), src.name)
     return SourceRank(tp_rank, pp_rank, src.name, sd, meta, tf.tensor, tf.span, tf.notes), tf.obj
 

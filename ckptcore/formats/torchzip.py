@@ -160,11 +160,34 @@ class TorchFile:
                 "read in place (slower)"
             )
 
+    def locate(self, refs: list[TensorRef]) -> None:
+        """Find where the records of ``refs`` start, reading their local headers all at once
+        where the source is object storage (concurrent ranged GETs instead of a round trip per
+        tensor when the plan asks for each span)."""
+        batch = getattr(self.src, "read_ranges", None)
+        if batch is None or not Span(self.src, 0, 0).remote:
+            return
+        recs = {}
+        for ref in refs:
+            rec = self.records.get(f"{self.archive}/data/{ref.storage.key}")
+            if rec is not None and rec.name not in self._data_offsets:
+                recs[rec.name] = rec
+        if not recs:
+            return
+        todo = list(recs.values())
+        heads = batch([(r.header_offset, 30) for r in todo])
+        for rec, header in zip(todo, heads, strict=True):
+            self._data_offsets[rec.name] = self._parse_local_header(rec, bytes(header))
+
     def _data_offset(self, rec: ZipRecord) -> int:
         off = self._data_offsets.get(rec.name)
         if off is not None:
             return off
-        header = bytes(self.src.read(rec.header_offset, 30))
+        off = self._parse_local_header(rec, bytes(self.src.read(rec.header_offset, 30)))
+        self._data_offsets[rec.name] = off
+        return off
+
+    def _parse_local_header(self, rec: ZipRecord, header: bytes) -> int:
         if not header.startswith(_LOCAL):
             raise CkptError(self.name, f"corrupt zip: bad local header for {rec.name}")
         nlen, xlen = struct.unpack("<HH", header[26:30])
@@ -173,7 +196,6 @@ class TorchFile:
             raise CkptError(
                 self.name, f"truncated: record {rec.name} runs past the end of the file"
             )
-        self._data_offsets[rec.name] = off
         return off
 
     def _check_method(self, rec: ZipRecord) -> None:

@@ -171,3 +171,36 @@ def test_range_cache_never_serves_a_changed_object(s3_url, tmp_path) -> None:
     assert changed.read(100, 50) == b"b" * 50
     assert (changed.bytes_read, changed.cached_bytes) == (50, 0)
     changed.close()
+
+
+def test_opening_locates_every_weight_record_in_one_batch(s3_url, tmp_path, monkeypatch) -> None:
+    """The local zip headers of the weights' records are read together when a file is opened
+    (concurrent ranged GETs), so planning issues no round trip per tensor."""
+    from ckptcore.api import plan_conversion
+    from ckptcore.engine import planned_reads
+
+    fs = s3_url
+    local = tmp_path / "ck"
+    write_training_checkpoint(str(local), vit_config("tiny"), tp=2, optimizer=True)
+    fs.put(str(local) + "/", "ckpts/located/", recursive=True)
+    opened = _spy_remote_files(monkeypatch)
+    batches: list[int] = []
+    original = RemoteFile.read_ranges
+
+    def spy(self, ranges):
+        batches.append(len(ranges))
+        return original(self, ranges)
+
+    monkeypatch.setattr(RemoteFile, "read_ranges", spy)
+    with open_checkpoint("s3://ckpts/located") as ck:
+        after_open = sum(f.requests for f in opened)
+        plan = plan_conversion(ck, 1, 1, "keep")
+        spans = [s for tt in plan.files[0].tensors for s in planned_reads(ck, tt)]
+        assert spans and sum(f.requests for f in opened) == after_open  # no I/O to plan
+    from ckptcore.formats.safe_pickle import TensorRef
+
+    records = sum(
+        len({v.storage.key for v in r.state.values() if isinstance(v, TensorRef)})
+        for r in ck.ranks.values()
+    )
+    assert len(batches) == 2 and sum(batches) == records  # one batch per rank file
