@@ -275,15 +275,20 @@ def restore_model(
     import torch
 
     dtypes = {v.dtype for v in sd.values() if isinstance(v, torch.Tensor)}
-    model = VitClassificationModel(
-        config, dtype=dtypes.pop() if len(dtypes) == 1 else None, path=path
-    )
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    with torch.device("meta"):  # no random init of weights about to be replaced
+        model = VitClassificationModel(
+            config, dtype=dtypes.pop() if len(dtypes) == 1 else None, path=path
+        )
+    # the loaded tensors become the parameters (materialize made them: no second copy)
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
     if missing or unexpected:
         raise CkptError(
             path,
             f"weights do not fit the config: missing {missing[:3]}, unexpected {unexpected[:3]}",
         )
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise CkptError(path, f"weights do not fit the config: missing {left[:3]}")
     if map_location is not None:
         model.to(map_location)
     return model
@@ -395,13 +400,16 @@ def verify(
 
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     ma = restore_model(a, cache=cache).to(dev)
-    mb = restore_model(b, cache=cache).to(dev)
-    if ma.dims != mb.dims:
-        raise CkptError(b, f"model shape differs from {a}: {mb.dims} vs {ma.dims}")
-    x = sample_images(ma.cfg, images).to(dev)
-    with torch.no_grad():
+    dims, x = ma.dims, sample_images(ma.cfg, images).to(dev)
+    with torch.inference_mode():
         la = ma(x).float()
+    del ma  # one model in memory at a time
+    mb = restore_model(b, cache=cache).to(dev)
+    if mb.dims != dims:
+        raise CkptError(b, f"model shape differs from {a}: {mb.dims} vs {dims}")
+    with torch.inference_mode():
         lb = mb(x).float()
+    del mb
     diff = float((la - lb).abs().max())
     ok = diff <= tolerance and bool(torch.isfinite(la).all()) and bool(torch.isfinite(lb).all())
     return VerifyReport(a, b, diff, tolerance, images, ok)

@@ -13,7 +13,7 @@
 #   AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_DEFAULT_REGION   (moto: dummies by default)
 #   CKPT_SCRATCH_URL      scratch prefix for the repartition deployment          [s3://ckpt-scratch/pipeline]
 #   CKPT_WORK_DIR         workers' local work folder                             [$CKPT_STACK_DIR/work]
-#   PREFECT_WORKER_QUERY_SECONDS   how often workers poll                        [5]
+#   PREFECT_WORKER_QUERY_SECONDS   how often workers poll                        [1]
 # Credentials and endpoints reach the workers through their environment only: nothing is
 # stored in job variables, blocks or the database.
 set -euo pipefail
@@ -43,7 +43,7 @@ done
 export PREFECT_API_URL="http://127.0.0.1:${PREFECT_PORT}/api"
 export PREFECT_HOME="${PREFECT_HOME:-$STACK/prefect}"
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
-export PREFECT_WORKER_QUERY_SECONDS="${PREFECT_WORKER_QUERY_SECONDS:-5}"
+export PREFECT_WORKER_QUERY_SECONDS="${PREFECT_WORKER_QUERY_SECONDS:-1}"
 export CKPT_SCRATCH_URL="${CKPT_SCRATCH_URL:-s3://ckpt-scratch/pipeline}"
 export CKPT_WORK_DIR="${CKPT_WORK_DIR:-$STACK/work}"
 export COLUMNS=200

@@ -262,7 +262,12 @@ def verify_models(
     start = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     report = api.verify(
-        fetched.open_url, packaged.path, tolerance=tolerance, device=device, cache=fetched.cache_dir
+        fetched.open_url,
+        packaged.path,
+        tolerance=tolerance,
+        images=settings.verify_images(),
+        device=device,
+        cache=fetched.cache_dir,
     )
     if not report.passed:
         raise CkptError(

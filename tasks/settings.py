@@ -7,10 +7,11 @@
 | ``CKPT_REPARTITION`` | ``auto`` | ``auto``: a deployed run hands repartitioning to the ``repartition/vit`` deployment, a local run does it in-process; ``inline`` / ``deployment`` force one |
 | ``CKPT_REPARTITION_DEPLOYMENT`` | ``repartition/vit`` | the deployment that repartitions |
 | ``CKPT_REPARTITION_TIMEOUT`` | unset (wait) | seconds to wait for it |
-| ``CKPT_POLL_SECONDS`` | ``5`` | how often a parent polls a child run |
+| ``CKPT_POLL_SECONDS`` | ``1`` | how often a parent polls a child run |
 | ``CKPT_RETRIES`` | ``3`` | retries of storage tasks (transient errors only) |
 | ``CKPT_RETRY_BACKOFF`` | ``2`` | first retry delay in seconds, doubled each time (``0`` in tests) |
 | ``CKPT_UPLOAD_CHUNK_BYTES`` | ``67108864`` | multipart part size for S3 uploads (S3 needs >= 5 MiB) |
+| ``CKPT_VERIFY_IMAGES`` | ``2`` | images the verify step runs through source and output (each costs one forward pass of each model) |
 | ``CKPT_UPLOAD_CONCURRENCY`` | ``4`` | parts of one S3 upload sent at the same time (each holds a part in memory) |
 | ``CKPT_RUNNER`` | unset (one process) | map the repartition step over the plan's work items (one task per target rank file) on a task runner: ``threads[:N]``, ``dask`` (a ``LocalCluster``), ``dask://host:8786`` (an existing scheduler; also ``tcp://``/``tls://``), ``ray``, ``ray://host:10001``; ``inline`` forces the one-process path. The ``runner`` flow parameter wins over it |
 | ``CKPT_RUNNER_WORKERS`` | unset: CPU count (threads), Dask's default (``LocalCluster``) | threads of ``threads``, worker processes of a ``dask`` ``LocalCluster`` |
@@ -89,7 +90,7 @@ def repartition_timeout() -> float | None:
 
 
 def poll_seconds() -> float:
-    return max(_float("CKPT_POLL_SECONDS", 5.0), 0.5)
+    return max(_float("CKPT_POLL_SECONDS", 1.0), 0.5)
 
 
 def retries() -> int:
@@ -110,6 +111,13 @@ def upload_chunk_bytes() -> int:
     value = int(_float("CKPT_UPLOAD_CHUNK_BYTES", 64 << 20))
     if value < MIN_PART_BYTES:
         raise CkptError(None, f"CKPT_UPLOAD_CHUNK_BYTES={value}: S3 parts must be >= 5 MiB")
+    return value
+
+
+def verify_images() -> int:
+    value = int(_float("CKPT_VERIFY_IMAGES", 2))
+    if value < 1:
+        raise CkptError(None, f"CKPT_VERIFY_IMAGES={value}: must be at least 1")
     return value
 
 
