@@ -13,6 +13,7 @@ import json
 import mmap
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
@@ -330,8 +331,11 @@ class CachedObject:
     the data after each write (data first), so a later process finds what an earlier one read.
     """
 
-    def __init__(self, data_path: str, size: int) -> None:
+    def __init__(
+        self, data_path: str, size: int, release: Callable[[CachedObject], bool] | None = None
+    ) -> None:
         self.path = data_path
+        self._release = release
         self._index = data_path + ".ranges.json"
         self._lock = threading.Lock()
         self._ranges: list[tuple[int, int]] = []  # sorted, disjoint [start, end)
@@ -392,6 +396,8 @@ class CachedObject:
             return sum(b - a for a, b in self._ranges)
 
     def close(self) -> None:
+        if self._release is not None and not self._release(self):
+            return  # another reader still uses it
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -409,10 +415,34 @@ class RangeCache:
     def __init__(self, folder: str) -> None:
         self.folder = local_path(folder)
 
+    _open: dict[str, CachedObject] = {}  # one per cache file in this process, shared
+    _users: dict[str, int] = {}
+    _lock = threading.Lock()
+
     def entry(self, url: str, size: int, etag: str | None) -> CachedObject:
+        """The cache file of one object version; readers in this process share it (threads
+        converting different rank files of one checkpoint add to one list of ranges)."""
         os.makedirs(self.folder, exist_ok=True)
         key = hashlib.sha256(f"{url}\t{size}\t{etag or ''}".encode()).hexdigest()[:32]
-        return CachedObject(os.path.join(self.folder, key), size)
+        path = os.path.join(self.folder, key)
+        with RangeCache._lock:
+            cached = RangeCache._open.get(path)
+            if cached is None:
+                cached = RangeCache._open[path] = CachedObject(path, size, self._release)
+            RangeCache._users[path] = RangeCache._users.get(path, 0) + 1
+            return cached
+
+    @staticmethod
+    def _release(cached: CachedObject) -> bool:
+        """One reader is done with ``cached``; True when it was the last (close the file)."""
+        with RangeCache._lock:
+            left = RangeCache._users.get(cached.path, 1) - 1
+            if left > 0:
+                RangeCache._users[cached.path] = left
+                return False
+            RangeCache._users.pop(cached.path, None)
+            RangeCache._open.pop(cached.path, None)
+            return True
 
 
 def open_source(url: str, cache: RangeCache | None = None) -> ByteSource:

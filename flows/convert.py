@@ -124,6 +124,7 @@ def repartition_items(
     precision: str,
     staging: str,
     runner: str = "threads",
+    cache_dir: str | None = None,
 ) -> MappedPartition:
     """The repartition step as one task per target rank file, on this flow's task runner.
 
@@ -137,7 +138,7 @@ def repartition_items(
     start = time.perf_counter()
     objects = source_objects(listing)
     checkpoint = listing.checkpoint or "last"
-    with open_checkpoint(listing.root, checkpoint) as ck:
+    with open_checkpoint(listing.root, checkpoint, cache=cache_dir) as ck:
         plan = plan_conversion(ck, target_tp, target_pp, precision)
         planned = work_items(ck, plan, with_ranges=False)
         source_tp, source_pp, step, epoch, notes = ck.tp, ck.pp, ck.step, ck.epoch, ck.notes
@@ -150,6 +151,7 @@ def repartition_items(
         list(plan.files),
         list(members.values()),
         [w.read_bytes for w in planned],
+        unmapped(cache_dir),
     )
     wait(futures)  # let every item finish before failing on one: a rerun resumes
     items = tuple(f.result() for f in futures)
@@ -202,7 +204,10 @@ def run_mapped(
             staging,
         )
     subflow = repartition_items.with_options(task_runner=make_task_runner(spec))
-    return subflow(listing, target_tp, target_pp, precision, staging, spec.describe())
+    # threads share this machine with verify: what they fetch, verify then reads locally
+    work = settings.work_dir()
+    cache = None if listing.local or spec.kind != "threads" else cache_location(listing, work)
+    return subflow(listing, target_tp, target_pp, precision, staging, spec.describe(), cache)
 
 
 def _work_files(

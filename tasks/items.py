@@ -212,9 +212,11 @@ def write_item_file(
     fp: FilePlan,
     url: str,
     read_bytes: int = 0,
+    cache_dir: str | None = None,
 ) -> ItemResult:
     """Open the source, stream the one rank file of ``fp`` to ``url``; nothing at ``url``
-    unless complete (S3: the upload completes or is aborted; local: renamed into place)."""
+    unless complete (S3: the upload completes or is aborted; local: renamed into place).
+    ``cache_dir``: a range cache for what is read (items running beside the flow's verify)."""
     start, started = time.perf_counter(), time.time()
     layout = file_layout(fp)
     tensors = sum(1 for t in fp.tensors if t.spec is not None)
@@ -236,7 +238,7 @@ def write_item_file(
     if _exists_with_size(url, layout.size):
         return result(True)
     check_unchanged(objects)
-    with open_checkpoint(source, checkpoint) as ck:
+    with open_checkpoint(source, checkpoint, cache=cache_dir) as ck:
         if is_local(url):
             path = local_path(url)
             if not path.endswith("/" + fp.path):
@@ -271,10 +273,11 @@ def write_item(
     fp: FilePlan,
     url: str,
     read_bytes: int = 0,
+    cache_dir: str | None = None,
 ) -> ItemResult:
     """One work item: the target rank file ``fp.path`` written to ``url`` (see
     :func:`write_item_file`); memory stays near the largest tensor slice it handles."""
-    item = write_item_file(source, checkpoint, objects, fp, url, read_bytes)
+    item = write_item_file(source, checkpoint, objects, fp, url, read_bytes, cache_dir)
     get_run_logger().info(
         "%s: %s bytes %s in %.2f s on %s",
         item.member,

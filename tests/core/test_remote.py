@@ -204,3 +204,22 @@ def test_opening_locates_every_weight_record_in_one_batch(s3_url, tmp_path, monk
         for r in ck.ranks.values()
     )
     assert len(batches) == 2 and sum(batches) == records  # one batch per rank file
+
+
+def test_range_cache_is_shared_by_readers_of_one_object_in_a_process(s3_url, tmp_path) -> None:
+    """Threads reading one object through one cache folder add to one list of ranges."""
+    from ckptcore.storage import RangeCache
+
+    fs = s3_url
+    fs.pipe("ckpts/shared.bin", bytes(range(256)) * 8)
+    folder = str(tmp_path / "cache")
+    a = RemoteFile("s3://ckpts/shared.bin", cache=RangeCache(folder))
+    b = RemoteFile("s3://ckpts/shared.bin", cache=RangeCache(folder))
+    assert a.read(0, 100) == (bytes(range(256)) * 8)[:100]
+    assert b.read(1000, 100) == (bytes(range(256)) * 8)[1000:1100]
+    a.close()  # b still reads through the shared file
+    assert b.read(0, 100) == (bytes(range(256)) * 8)[:100] and b.cached_bytes == 100
+    b.close()
+    c = RemoteFile("s3://ckpts/shared.bin", cache=RangeCache(folder))
+    assert c.read(0, 100) and c.read(1000, 100) and c.bytes_read == 0  # both were recorded
+    c.close()

@@ -199,14 +199,17 @@ def test_rerun_after_a_failed_upload_resumes_from_the_cache(
         assert f.sha256 == (sha256_file(local) if read == "download" else None)
 
 
-def test_convert_reads_only_the_weights_from_s3_once(s3, proxy, work_dir, prefix, sample_factory):
-    """The default flow reads an S3 source in place: the weights' records are fetched once (for
-    repartition; verify reads them from the range cache), the optimizer state never. Counted
-    by the proxy between the flow and the S3 server, not by the client."""
+@pytest.mark.parametrize("runner", [None, "threads:2"])
+def test_convert_reads_only_the_weights_from_s3_once(
+    s3, proxy, work_dir, prefix, sample_factory, runner
+):
+    """The flow reads an S3 source in place: the weights' records are fetched once (for
+    repartition, or the mapped items on threads; verify reads them from the range cache), the
+    optimizer state never. Counted by the proxy between the flow and the S3 server."""
     src = f"s3://ckpt-training/{prefix}/checkpoints"
     dest = f"s3://ckpt-models/{prefix}/vit.nemo"
     sample = sample_factory(s3, src, tp=2, size="small")
-    state = convert_vit(source=src, destination=dest, target_tp=1, return_state=True)
+    state = convert_vit(source=src, destination=dest, target_tp=1, runner=runner, return_state=True)
     assert state.is_completed(), state
     weights = sum(v.numel() * v.element_size() for v in sample.state_dict.values() if v is not None)
     files = sum(s3.size(p) for p in s3.find(f"ckpt-training/{prefix}"))
