@@ -138,6 +138,21 @@ class LocalFile:
             self._fd = -1
 
 
+def coalesce(ranges: list[tuple[int, int]], gap: int, part: int) -> list[tuple[int, int]]:
+    """``(offset, length)`` ranges, in reading order, as ``[start, end)`` requests: a range
+    that starts at most ``gap`` bytes after the previous one ends joins its request while the
+    request stays within ``part`` bytes; a range longer than ``part`` is cut into parts."""
+    out: list[tuple[int, int]] = []
+    for off, length in ranges:
+        end = off + length
+        if out and 0 <= off - out[-1][1] <= gap and end - out[-1][0] <= part:
+            out[-1] = (out[-1][0], end)
+            continue
+        for p in range(off, end, part):
+            out.append((p, min(p + part, end)))
+    return out
+
+
 class RemoteFile:
     """An object in fsspec storage, read by byte ranges; counts the bytes it fetched.
 
@@ -149,6 +164,7 @@ class RemoteFile:
     PREFETCH_BYTES = 256 << 20  # in flight or waiting to be consumed
     PREFETCH_REQUESTS = 4  # parallel ranged GETs
     PART = 64 << 20  # larger ranges are fetched in parts of this size
+    GAP = 64 << 10  # announced ranges this close are fetched in one request
 
     def __init__(self, url: str, size: int | None = None, cache: RangeCache | None = None) -> None:
         self.name = url
@@ -229,11 +245,16 @@ class RemoteFile:
     # -- read-ahead -------------------------------------------------------------------------
 
     def plan_reads(self, ranges: list[tuple[int, int]]) -> None:
-        """Announce ``(offset, length)`` ranges about to be read in this order."""
+        """Announce ``(offset, length)`` ranges about to be read in this order.
+
+        Ranges that follow each other in the file (apart from gaps of at most ``GAP`` bytes,
+        such as the zip headers between two records) are fetched together in requests of up
+        to ``PART`` bytes: a few large GETs instead of one per tensor. Each request ends where
+        a range ends, so reading in order consumes it to its end and releases it.
+        """
         with self._lock:
-            for off, length in ranges:
-                for p in range(0, length, self.PART):
-                    self._planned.append((off + p, min(self.PART, length - p)))
+            for start, end in coalesce(ranges, self.GAP, self.PART):
+                self._planned.append((start, end - start))
         self._fill()
 
     def _fill(self) -> None:

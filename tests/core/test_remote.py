@@ -223,3 +223,27 @@ def test_range_cache_is_shared_by_readers_of_one_object_in_a_process(s3_url, tmp
     c = RemoteFile("s3://ckpts/shared.bin", cache=RangeCache(folder))
     assert c.read(0, 100) and c.read(1000, 100) and c.bytes_read == 0  # both were recorded
     c.close()
+
+
+def test_announced_ranges_are_fetched_in_few_large_requests() -> None:
+    from ckptcore.storage import coalesce
+
+    mb = 1 << 20
+    # records separated by their zip headers become one request, up to the part size
+    records = [(i * (mb + 100), mb) for i in range(10)]
+    assert coalesce(records, 64 << 10, 64 * mb) == [(0, 9 * (mb + 100) + mb)]
+    # three records (3 MiB + 200 bytes) fit in 4 MiB, a fourth would not
+    assert coalesce(records, 64 << 10, 4 * mb) == [
+        (i * (mb + 100), (i + 2) * (mb + 100) + mb) for i in (0, 3, 6)
+    ] + [(9 * (mb + 100), 9 * (mb + 100) + mb)]
+    # a wide gap (skipped optimizer state), going backwards, or a long range: new requests
+    assert coalesce([(0, 10), (10 + (1 << 20), 10), (0, 5)], 64 << 10, 64 * mb) == [
+        (0, 10),
+        (10 + (1 << 20), 20 + (1 << 20)),
+        (0, 5),
+    ]
+    assert coalesce([(5, 10 * mb)], 0, 4 * mb) == [
+        (5, 5 + 4 * mb),
+        (5 + 4 * mb, 5 + 8 * mb),
+        (5 + 8 * mb, 5 + 10 * mb),
+    ]
