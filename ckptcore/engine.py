@@ -5,11 +5,17 @@ all: a copied or dim-0-concatenated tensor is a list of byte ranges of the (mmap
 written straight to the output; a split along another dim is gathered into one reusable buffer.
 Only casts and unusual sources go through torch. Anonymous memory therefore stays near the
 largest tensor, and every output byte is written once, straight into its final place.
+
+Writing a rank file from local sources uses both cores (:class:`_Producer`): a helper thread runs
+ahead through the tensors, gathering split rows block by block and computing CRC-32s and the
+NaN/Inf scan, while the writing thread copies file ranges in the kernel and writes the blocks.
 """
 
 from __future__ import annotations
 
 import os
+import queue
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,22 +26,40 @@ import numpy as np
 from ckptcore.dtypes import BY_NAME, dtype_name
 from ckptcore.errors import CkptError
 from ckptcore.formats.torchzip import StateDictLayout
-from ckptcore.formats.zipwriter import FileRange, Sink, file_sink
+from ckptcore.formats.zipwriter import FileRange, Sink, crc32_array, crc32_concat, file_sink
 from ckptcore.plan import FilePlan, Piece, Plan, TargetTensor
 from ckptcore.sources import Checkpoint
 from ckptcore.storage import Span
 
 Progress = Callable[[str, int], None]
 
-# NaN/Inf test per dtype: the exponent bits all set (numpy view dtype, mask)
+# NaN/Inf test per dtype on the raw bits: (unsigned view, exponent mask, all bits but the sign).
+# A value is NaN or Inf when its exponent bits are all set: (bits & no_sign) >= exponent mask.
 _NONFINITE = {
-    "float32": (np.uint32, 0x7F800000),
-    "float16": (np.uint16, 0x7C00),
-    "bfloat16": (np.uint16, 0x7F80),
-    "float64": (np.uint64, 0x7FF0000000000000),
+    "float32": (np.uint32, 0x7F800000, 0x7FFFFFFF),
+    "float16": (np.uint16, 0x7C00, 0x7FFF),
+    "bfloat16": (np.uint16, 0x7F80, 0x7FFF),
+    "float64": (np.uint64, 0x7FF0000000000000, 0x7FFFFFFFFFFFFFFF),
 }
-_NUMPY_FLOAT = {"float32": np.float32, "float16": np.float16, "float64": np.float64}
+_NUMPY_FLOAT = {"float32": np.float32, "float64": np.float64}
 BLOCK = 4 << 20  # bytes moved per step: source -> buffer (checks, CRC) -> sink, cache-sized
+
+
+def _has_nonfinite(buf, dtype: Any, tmp: np.ndarray | None = None) -> bool:
+    """NaN/Inf anywhere in ``buf`` (raw bytes of ``dtype``); ``tmp``: optional scratch bytes."""
+    dtype = dtype_name(dtype)
+    if len(buf) == 0 or dtype not in _NONFINITE:
+        return False
+    if dtype in _NUMPY_FLOAT:
+        # min and max propagate NaN and reach +-Inf: two vectorised passes, nothing allocated
+        arr = np.frombuffer(buf, dtype=_NUMPY_FLOAT[dtype])
+        return not (np.isfinite(arr.min()) and np.isfinite(arr.max()))
+    view_type, mask, no_sign = _NONFINITE[dtype]  # numpy's float16 reductions are slow
+    arr = np.frombuffer(buf, dtype=view_type)
+    out = None
+    if tmp is not None and tmp.nbytes >= arr.nbytes:
+        out = np.frombuffer(tmp, dtype=view_type, count=arr.size)
+    return bool(np.bitwise_and(arr, view_type(no_sign), out=out).max() >= mask)
 
 
 def _read_piece(ck: Checkpoint, pc: Piece, dim: int | None) -> Any:
@@ -47,19 +71,6 @@ def _read_piece(ck: Checkpoint, pc: Piece, dim: int | None) -> Any:
 
 def _bits(t: Any) -> Any:
     return t.contiguous().reshape(-1).view(dtype_name("uint8").torch)
-
-
-def _has_nonfinite(buf, dtype: Any) -> bool:
-    """NaN/Inf anywhere in ``buf`` (raw bytes of ``dtype``)."""
-    dtype = dtype_name(dtype)
-    if len(buf) == 0 or dtype not in _NONFINITE:
-        return False
-    if dtype in _NUMPY_FLOAT:
-        arr = np.frombuffer(buf, dtype=_NUMPY_FLOAT[dtype])
-        return not bool(np.isfinite(arr).all())
-    view_type, mask = _NONFINITE[dtype]
-    arr = np.frombuffer(buf, dtype=view_type)
-    return bool(np.any(np.bitwise_and(arr, mask) == mask))
 
 
 def _replica_error(ck: Checkpoint, tt: TargetTensor, rp: Piece) -> CkptError:
@@ -122,6 +133,26 @@ def _piece_geometry(
     return outer, shape[d] * inner, start * inner, length * inner
 
 
+def _subspan(span: Span, lo: int, n: int) -> Span:
+    """``n`` bytes from ``lo`` of ``span``; a whole span keeps its record's CRC."""
+    if lo == 0 and n == span.length:
+        return span
+    return Span(span.src, span.offset + lo, n)
+
+
+def known_crc(chunks: list[Chunk]) -> int | None:
+    """The CRC-32 of the chunks' bytes when every chunk is a whole zip record with a stored CRC.
+
+    The source's stored CRCs are trusted, not re-verified: copied records then need no read at
+    all (``copy_file_range``). torch.load never checks record CRCs (mmap or not), and a record
+    corrupted in the source keeps a CRC that does not match it in the output too, where zip tools
+    still see it, instead of a fresh CRC vouching for the corrupted bytes.
+    """
+    if not all(isinstance(c, Span) and c.crc is not None for c in chunks):
+        return None
+    return crc32_concat((c.crc, c.length) for c in chunks)  # type: ignore[union-attr]
+
+
 def _compare_by_crc(a: Span, b: Span) -> bool:
     """Replicas in object storage are compared by their zip records' CRC-32: no bytes fetched."""
     return (a.remote or b.remote) and a.crc is not None and b.crc is not None
@@ -176,7 +207,7 @@ def tensor_chunks(
     for (span, shape), pc in zip(spans, tt.pieces, strict=True):
         geometry.append((span, *_piece_geometry(shape, d, pc, itemsize)))
     if all(outer == 1 for _, outer, _, _, _ in geometry):  # dim-0 pieces: contiguous byte ranges
-        return [Span(span.src, span.offset + lo, n) for span, _, _, lo, n in geometry]
+        return [_subspan(span, lo, n) for span, _, _, lo, n in geometry]
     outer = geometry[0][1]
     width = sum(n for *_, n in geometry)
     out = (
@@ -288,7 +319,13 @@ def make_tensor(
     spec = tt.spec
     assert spec is not None
     parts = [_read_piece(ck, pc, tt.dim) for pc in tt.pieces]
+    first = ck.ranks[(tt.pieces[0].tp_rank, tt.pieces[0].pp_rank)].span(tt.pieces[0].key)
     for rp in tt.replicas:
+        span = ck.ranks[(rp.tp_rank, rp.pp_rank)].span(rp.key)
+        if first is not None and span is not None and _compare_by_crc(first, span):
+            if first.crc != span.crc or first.length != span.length:
+                raise _replica_error(ck, tt, rp)
+            continue  # as tensor_chunks: replicas in object storage compared by record CRC
         other = _read_piece(ck, rp, None)
         if other.shape != parts[0].shape or not torch.equal(_bits(other), _bits(parts[0])):
             raise _replica_error(ck, tt, rp)
@@ -348,6 +385,265 @@ def file_layout(fp: FilePlan) -> StateDictLayout:
     )
 
 
+# The helper thread of write_rank: how far it may run ahead, in items and gather blocks.
+_AHEAD_ITEMS = 32  # queued items: copies of up to COPY_PART bytes, blocks of up to GATHER_BLOCK
+COPY_PART = 8 << 20
+GATHER_BLOCK = 1 << 20  # gathered rows per block: within the second level cache
+_RING = 16  # gather blocks in flight
+SCAN_BLOCK = 1 << 20  # bytes read per step for the CRC and the NaN/Inf scan of copied ranges
+SEGMENT_COPY = 256 << 10  # split rows at least this long are copied by the kernel, not gathered
+
+
+class _Stopped(Exception):
+    """The writer is gone: the helper thread ends."""
+
+
+def _local_pieces(
+    ck: Checkpoint, tt: TargetTensor
+) -> tuple[list[tuple[Span, tuple[int, ...], Piece]], list[tuple[Piece, Span]]] | None:
+    """The stored bytes of ``tt`` 's pieces and replicas when all are in local files, else None
+    (same checks, in the same order, as :func:`tensor_chunks`)."""
+    spec = tt.spec
+    if spec is None or spec.nbytes == 0:
+        return None
+    pieces = []
+    for pc in tt.pieces:
+        sr = ck.ranks[(pc.tp_rank, pc.pp_rank)]
+        value = sr.state[pc.key]
+        if value is None or value.dtype != spec.dtype:
+            return None
+        span = sr.span(pc.key)
+        if span is None or span.local() is None:
+            return None
+        pieces.append((span, tuple(value.shape), pc))
+    replicas = []
+    for rp in tt.replicas:
+        other = ck.ranks[(rp.tp_rank, rp.pp_rank)].span(rp.key)
+        if other is None or other.local() is None:
+            return None
+        replicas.append((rp, other))
+    return pieces, replicas
+
+
+def _pread_full(fd: int, buf: memoryview, offset: int, name: str) -> None:
+    done = 0
+    while done < len(buf):
+        n = os.preadv(fd, [buf[done:]], offset + done)
+        if n <= 0:
+            raise CkptError(name, f"file shrank while reading at {offset + done}")
+        done += n
+
+
+class _Producer(threading.Thread):
+    """Runs ahead of the writing thread through a rank file's tensors (local sources only).
+
+    Per tensor it queues either ``("main", key)``: the writing thread makes it itself (casts,
+    remote sources), or ``("tensor", key)`` followed by ``("copy", FileRange)`` items (whole
+    source byte ranges, copied by the kernel) or ``("data", view, buffer)`` items (gathered
+    blocks, each valid until the next item is taken) and ``("end", crc)``. It reads every byte
+    it produces once, in cache-sized blocks, for the NaN/Inf scan and for the CRC-32 where the
+    source's stored CRCs do not give it. A failure is queued as ``("error", exc)`` in the order
+    of the tensors, so the writer raises it where the sequential code would have.
+    """
+
+    def __init__(self, ck: Checkpoint, tensors: list[TargetTensor], scan: bool) -> None:
+        super().__init__(name="ckpt-producer", daemon=True)
+        self.ck, self.tensors, self.scan = ck, tensors, scan
+        self.items: queue.Queue = queue.Queue(_AHEAD_ITEMS)
+        self.free: queue.Queue = queue.Queue()
+        for _ in range(_RING):
+            self.free.put(None)  # a gather block, allocated on first use
+        self.stopped = threading.Event()
+        self._bufs: dict[str, np.ndarray] = {}
+
+    # -- the writing thread's side ---------------------------------------------------------
+
+    def get(self) -> tuple:
+        return self.items.get()
+
+    def release(self, buf: np.ndarray) -> None:
+        self.free.put(buf)
+
+    def close(self) -> None:
+        self.stopped.set()
+        while self.is_alive():
+            try:
+                while True:
+                    self.items.get_nowait()
+            except queue.Empty:
+                pass
+            self.free.put(None)
+            self.join(0.01)
+
+    # -- the helper thread ---------------------------------------------------------------------
+
+    def _put(self, item: tuple) -> None:
+        if self.stopped.is_set():
+            raise _Stopped
+        self.items.put(item)
+
+    def _buf(self, slot: str, nbytes: int) -> np.ndarray:
+        buf = self._bufs.get(slot)
+        if buf is None or buf.nbytes < nbytes:
+            self._bufs.pop(slot, None)
+            buf = self._bufs[slot] = np.zeros(max(nbytes, 1), np.uint8)  # zeros: fault in once
+        return buf
+
+    def run(self) -> None:
+        try:
+            for tt in self.tensors:
+                local = _local_pieces(self.ck, tt)
+                if local is None:
+                    self._put(("main", tt.key))
+                    continue
+                self._put(("tensor", tt.key))
+                self._tensor(tt, *local)
+        except _Stopped:
+            pass
+        except BaseException as exc:  # noqa: BLE001 -- handed to the writing thread
+            try:
+                self._put(("error", exc))
+            except _Stopped:
+                pass
+
+    def _tensor(
+        self,
+        tt: TargetTensor,
+        pieces: list[tuple[Span, tuple[int, ...], Piece]],
+        replicas: list[tuple[Piece, Span]],
+    ) -> None:
+        first = pieces[0][0]
+        d = tt.dim
+        if d is None:  # one whole tensor: its replicas are compared while it is scanned
+            self._ranges(tt, [first], replicas)
+            return
+        if replicas:
+            self._check_replicas(tt, first, replicas)
+        itemsize = BY_NAME[tt.dtype].itemsize
+        geometry = [(span, *_piece_geometry(shape, d, pc, itemsize)) for span, shape, pc in pieces]
+        if all(outer == 1 for _, outer, _, _, _ in geometry):  # dim-0 pieces: byte ranges
+            self._ranges(tt, [_subspan(span, lo, n) for span, _, _, lo, n in geometry])
+        elif min(n for *_, n in geometry) >= SEGMENT_COPY:  # long rows: copy each piece row
+            outer = geometry[0][1]
+            self._ranges(
+                tt,
+                [
+                    Span(span.src, span.offset + r * row + lo, n)
+                    for r in range(outer)
+                    for span, _, row, lo, n in geometry
+                ],
+            )
+        else:
+            self._gather(tt, geometry)
+
+    def _read(self, src: Any, offset: int, n: int, slot: str) -> np.ndarray:
+        """``n`` bytes of a local file read into the reused buffer ``slot``: one copy from the page
+        cache into a cache-sized buffer (measured as fast as reading through the mmap, whose
+        faults cost as much, and the source's pages are not mapped into this process)."""
+        buf = self._buf(slot, n)[:n]
+        _pread_full(src.fd, memoryview(buf), offset, src.name)
+        return buf
+
+    def _differ(
+        self, mine: np.ndarray, pos: int, replicas: list[tuple[Piece, Span]], bad: list[bool]
+    ) -> None:
+        """Mark the replicas whose bytes at ``pos`` differ from ``mine``."""
+        for i, (_, other) in enumerate(replicas):
+            if not bad[i]:
+                src, offset = other.local()  # type: ignore[misc]
+                bad[i] = not np.array_equal(mine, self._read(src, offset + pos, len(mine), "other"))
+
+    def _raise_replica(self, tt: TargetTensor, replicas, bad: list[bool]) -> None:
+        """The first replica in order that differs is the error, as in :func:`tensor_chunks`."""
+        for (rp, _), differs in zip(replicas, bad, strict=True):
+            if differs:
+                raise _replica_error(self.ck, tt, rp)
+
+    def _check_replicas(
+        self, tt: TargetTensor, first: Span, replicas: list[tuple[Piece, Span]]
+    ) -> None:
+        """Compare ``first`` with its replicas byte for byte, reading it once per block."""
+        src, offset = first.local()  # type: ignore[misc]
+        bad = [other.length != first.length for _, other in replicas]
+        for pos in range(0, first.length, SCAN_BLOCK):
+            if all(bad):
+                break
+            n = min(SCAN_BLOCK, first.length - pos)
+            self._differ(self._read(src, offset + pos, n, "scan"), pos, replicas, bad)
+        self._raise_replica(tt, replicas, bad)
+
+    def _ranges(
+        self, tt: TargetTensor, spans: list[Span], replicas: list[tuple[Piece, Span]] = ()
+    ) -> None:
+        """Whole byte ranges: copied by the writer, read here once for the NaN/Inf scan, a CRC
+        the source does not give and the comparison with the ``replicas`` of a single whole
+        span. Errors are raised once the tensor is read, a differing replica first, as the
+        sequential code orders them."""
+        crc = known_crc(spans)
+        read = self.scan or crc is None or bool(replicas)
+        bad = [other.length != spans[0].length for _, other in replicas]
+        running = 0
+        nonfinite = False
+        dtype = tt.dtype
+        tmp = self._buf("bits", SCAN_BLOCK) if self.scan else None
+        for span in spans:
+            src, offset = span.local()  # type: ignore[misc]
+            for part in range(0, span.length, COPY_PART):
+                start, n = offset + part, min(COPY_PART, span.length - part)
+                self._put(
+                    (
+                        "copy",
+                        FileRange(src.fd, start, n, lambda src=src, o=start, n=n: src.read(o, n)),
+                    )
+                )
+                if not read:
+                    continue
+                for off in range(0, n, SCAN_BLOCK):
+                    view = self._read(src, start + off, min(SCAN_BLOCK, n - off), "scan")
+                    if replicas:
+                        self._differ(view, part + off, replicas, bad)
+                    if self.scan and not nonfinite:
+                        nonfinite = _has_nonfinite(view, dtype, tmp)
+                    if crc is None:
+                        running = crc32_array(view, running)
+        self._raise_replica(tt, replicas, bad)
+        if nonfinite:
+            raise _nonfinite_error(self.ck, tt)
+        self._put(("end", running if crc is None else crc))
+
+    def _gather(self, tt: TargetTensor, geometry: list[tuple[Span, int, int, int, int]]) -> None:
+        """Rows split along a later dim: gathered block by block into a ring of buffers."""
+        outer = geometry[0][1]
+        width = sum(n for *_, n in geometry)
+        rows = max(1, GATHER_BLOCK // width)
+        pieces = []
+        for span, _, row, lo, n in geometry:
+            src, offset = span.local()  # type: ignore[misc]
+            pieces.append((src, offset, row, lo, n))
+        dtype = tt.dtype
+        running = 0
+        for r0 in range(0, outer, rows):
+            k = min(rows, outer - r0)
+            buf = self.free.get()
+            while buf is None or buf.nbytes < rows * width:
+                if self.stopped.is_set():
+                    raise _Stopped
+                buf = np.zeros(max(rows * width, GATHER_BLOCK), np.uint8)  # fault in once
+            out = buf[: k * width].reshape(k, width)
+            col = 0
+            for src, offset, row, lo, n in pieces:
+                rows_in = self._read(src, offset + r0 * row, k * row, "rows")
+                out[:, col : col + n] = rows_in.reshape(k, row)[:, lo : lo + n]
+                col += n
+            block = buf[: k * width]
+            if self.scan and _has_nonfinite(block, dtype, self._buf("bits", k * width)):
+                self.free.put(buf)
+                raise _nonfinite_error(self.ck, tt)
+            running = crc32_array(block, running)
+            self._put(("data", memoryview(block), buf))
+        self._put(("end", running))
+
+
 def write_rank(
     ck: Checkpoint,
     fp: FilePlan,
@@ -356,21 +652,56 @@ def write_rank(
     allow_nonfinite: bool = True,
     on_tensor: Progress | None = None,
 ) -> int:
-    """Stream one target rank file into ``sink``; returns its size."""
+    """Stream one target rank file into ``sink``; returns its size.
+
+    Tensors from local files are produced ahead by a helper thread (:class:`_Producer`); the
+    others (casts, remote sources, in-memory tensors) are made here, one at a time.
+    """
     layout = layout or file_layout(fp)
     by_key = {tt.key: tt for tt in fp.tensors}
     scratch = Scratch()
     announce_reads(ck, fp)
+    reserve = getattr(sink, "reserve", None)
+    if reserve is not None:  # a local file: its disk blocks allocated at once
+        reserve(layout.size)
+    producer = _Producer(ck, [by_key[key] for key, _ in layout.tensors], not allow_nonfinite)
+    producer.start()
+
+    def produced(result: list[int]) -> Iterator[FileRange | memoryview]:
+        while True:
+            item = producer.get()
+            kind = item[0]
+            if kind == "copy":
+                yield item[1]
+            elif kind == "data":
+                yield item[1]
+                producer.release(item[2])
+            elif kind == "end":
+                result.append(item[1])
+                return
+            else:
+                raise item[1]
 
     def fill(key: str):
+        item = producer.get()
+        if item[0] == "error":
+            raise item[1]
+        if item[1] != key:
+            raise AssertionError(f"producer at {item[1]}, writer at {key}")
+        if item[0] == "tensor":
+            result: list[int] = []
+            return produced(result), lambda: result[0], None
         tt = by_key[key]
         chunks = tensor_chunks(ck, tt, scratch)
         if chunks is None:
             return make_tensor(ck, tt, allow_nonfinite, scratch)
         check = None if allow_nonfinite else nonfinite_check(ck, tt)
-        return stream_blocks(chunks, scratch), None, check
+        return stream_blocks(chunks, scratch), known_crc(chunks), check
 
-    return layout.write(sink, fill, on_tensor)
+    try:
+        return layout.write(sink, fill, on_tensor)
+    finally:
+        producer.close()
 
 
 def write_file(
@@ -386,7 +717,7 @@ def write_file(
     tmp = final + ".partial"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        write_rank(ck, fp, file_sink(fd), None, allow_nonfinite, on_tensor)
+        write_rank(ck, fp, file_sink(fd, write_behind=False), None, allow_nonfinite, on_tensor)
         os.close(fd)
         fd = -1
         os.replace(tmp, final)

@@ -286,6 +286,18 @@ def write_nemo(out, files: dict[str, MemberData], mtime: int | None = None) -> i
         sink(data)
         written += len(data)
 
+    copier = getattr(sink, "copy_range", None)
+    if copier is not None:  # a file: members' file ranges are copied by the kernel
+
+        def copy_range(fd: int, offset: int, length: int) -> None:
+            nonlocal written
+            copier(fd, offset, length)
+            written += length
+
+        emit.copy_range = copy_range  # type: ignore[attr-defined]
+    if hasattr(sink, "reserve"):  # a file: a member's disk blocks are allocated up front
+        emit.reserve = sink.reserve  # type: ignore[attr-defined]
+
     for name, rel in nemo_members(files):
         data = None if rel is None else files[rel]
         size = 0 if data is None else _size_of(data)
