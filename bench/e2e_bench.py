@@ -1113,7 +1113,7 @@ def main() -> int:
     ap.add_argument("--overhead", action="store_true", help="also measure Prefect's fixed cost")
     ap.add_argument("--overhead-runs", type=int, default=5)
     ap.add_argument(
-        "--query-seconds", type=float, default=5, help="PREFECT_WORKER_QUERY_SECONDS (stack: 5)"
+        "--query-seconds", type=float, default=1, help="PREFECT_WORKER_QUERY_SECONDS (stack: 1)"
     )
     ap.add_argument(
         "--fast-ranges",
