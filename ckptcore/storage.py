@@ -42,6 +42,11 @@ def get_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
         raise CkptError(url, f"unsupported storage URL: {exc}") from None
 
 
+def etag_of(info: dict) -> str | None:
+    """The ETag in an fsspec ``info()`` record, without its quotes (None where there is none)."""
+    return str(info.get("ETag") or info.get("etag") or "").strip('"') or None
+
+
 def join(url: str, *parts: str) -> str:
     out = url.rstrip("/")
     for p in parts:
@@ -176,7 +181,7 @@ class RemoteFile:
             except FileNotFoundError:
                 raise CkptError(url, "file not found") from None
             size = int(info.get("size") or 0) if size is None else size
-            etag = str(info.get("ETag") or info.get("etag") or "").strip('"') or None
+            etag = etag_of(info)
         self.size = size
         self.bytes_read = 0  # fetched from storage
         self.requests = 0

@@ -25,7 +25,7 @@ from ckptcore.errors import CkptError
 from ckptcore.formats.nemo import CONFIG_NAME
 from ckptcore.formats.ptl import find_checkpoint
 from ckptcore.layout import parse_rank_folder
-from ckptcore.storage import get_fs, is_local, join, local_path
+from ckptcore.storage import etag_of, get_fs, is_local, join, local_path
 from tasks import settings
 from tasks.cache import ContentCache, run_cached
 from tasks.progress import Progress
@@ -188,7 +188,7 @@ def describe_source(source: str, checkpoint: str = "last") -> SourceListing:
             files.append(ListedFile(url, rel, size, sha256=_sha256_local(url, progress)))
         else:
             info = fs.info(get_fs(url)[1])
-            etag = str(info.get("ETag") or info.get("etag") or "").strip('"') or None
+            etag = etag_of(info)
             files.append(ListedFile(url, rel, int(info.get("size") or size), etag=etag))
     if local_bytes:
         progress.finish()
@@ -268,7 +268,7 @@ def check_unchanged(fetched: FetchedCheckpoint) -> None:
             info = fs.info(path)
         except FileNotFoundError:
             raise CkptError(f.url, "disappeared while being read; start the run again") from None
-        etag = str(info.get("ETag") or info.get("etag") or "").strip('"') or None
+        etag = etag_of(info)
         if int(info.get("size") or 0) != f.size_bytes or etag != f.etag:
             raise CkptError(f.url, "changed while being read (new ETag); start the run again")
 
