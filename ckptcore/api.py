@@ -9,13 +9,14 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ckptcore.dtypes import dtype_info, parse_precision
 from ckptcore.engine import execute, file_layout, materialize, write_rank
 from ckptcore.errors import CkptError, storage_error
+from ckptcore.follow import Follower
 from ckptcore.formats import nemo as nemo_fmt
 from ckptcore.formats.zipwriter import file_sink
 from ckptcore.output import atomic_output, check_destination
@@ -161,6 +162,31 @@ def package_nemo(
                 pass  # the upload never completes without its final request either
             out.closed = True  # nothing left to flush; keeps __del__ from uploading
         raise
+    return size
+
+
+def write_nemo_file(
+    files: dict[str, nemo_fmt.MemberData], path: str, followers: Sequence[Follower] = ()
+) -> int:
+    """Write the archive of ``files`` to the local file ``path`` (created or truncated); its size.
+
+    A work file, not a destination: no lock, no rename, no fsync. Each of ``followers`` hears
+    how far the file is written as it grows and, once it is whole, its size
+    (:mod:`ckptcore.follow`: a digest, an upload). A failed write raises with the followers
+    unfinished: the caller cancels them.
+    """
+
+    def advance(position: int) -> None:
+        for follower in followers:
+            follower.written(position)
+
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        size = nemo_fmt.write_nemo(file_sink(fd, write_behind=False, on_advance=advance), files)
+    finally:
+        os.close(fd)
+    for follower in followers:
+        follower.finish(size)
     return size
 
 

@@ -4,6 +4,13 @@
     in ``gpu-pool``) -> package (with ``lineage.json``) -> verify -> upload (+ sidecar,
     metadata, asset) -> report-lineage -> clean-work
 
+Repartitioning here into an ``s3://`` destination (``CKPT_UPLOAD=stream``, the default), the
+middle is streamed instead:
+
+    write-nemo (repartition + package in one pass; a multipart upload follows the file as it
+    is written) -> verify (while the last parts go up) -> upload (complete the multipart upload,
+    then the sidecar; aborted if anything before it failed)
+
 A source in object storage is read in place: repartition fetches only the byte ranges of the
 model weights (never the optimizer state), keeping them in a range cache in the work folder
 that verify reads again; the source files are identified by their ETags, checked again after
@@ -72,6 +79,7 @@ from tasks.source import (
     locate_checkpoint,
     source_for_reading,
 )
+from tasks.stream import discard_pending, streams_upload, write_nemo
 
 
 def repartition_remotely() -> bool:
@@ -253,7 +261,12 @@ def convert_pipeline(
         )  # fmt: skip
     fetched = source_for_reading(listing, work)
     remote = None
-    if repartition_remotely():
+    handed_over = repartition_remotely()
+    if not handed_over and streams_upload(destination):
+        return _convert_streamed(
+            listing, fetched, destination, target_tp, target_pp, precision, verify, tolerance, work
+        )  # fmt: skip
+    if handed_over:
         scratch = settings.scratch_url(scratch_url)
         location = partition_location(scratch, fetched, target_tp, target_pp, precision)
         remote = run_repartition_deployment(
@@ -272,6 +285,35 @@ def convert_pipeline(
     uploaded = upload(packaged.path, finish_lineage(record, packaged, verified))
     report_lineage(uploaded.record)
     clean_work(work, _work_files(listing, work, partition, location, packaged))
+    return uploaded.record.summary()
+
+
+def _convert_streamed(
+    listing: SourceListing,
+    fetched: FetchedCheckpoint,
+    destination: str,
+    target_tp: int | None,
+    target_pp: int | None,
+    precision: str,
+    verify: bool,
+    tolerance: float,
+    work: str,
+) -> dict[str, str]:
+    """``convert_pipeline`` with the upload following the write (see the module doc)."""
+    written = write_nemo(listing, fetched, target_tp, target_pp, precision, destination, work)
+    packaged = written.packaged
+    try:
+        verified = verify_output(fetched, packaged, tolerance) if verify else None
+        upload = upload_task(destination, listing.root, streamed=True)
+        record = finish_lineage(written.record, packaged, verified, streamed=True)
+        uploaded = upload(written.upload, packaged.path, record)
+    finally:
+        discard_pending(written.upload)  # still pending: something failed, nothing may appear
+    report_lineage(uploaded.record)
+    files = [os.path.dirname(packaged.path)]
+    if not listing.local:
+        files += [fetch_location(listing, work), cache_location(listing, work)]
+    clean_work(work, files)
     return uploaded.record.summary()
 
 

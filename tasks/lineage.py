@@ -4,13 +4,28 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from prefect import runtime
 
 from ckptcore import lineage
 from tasks.convert import Packaged, Partition, Verified
 from tasks.source import FetchedCheckpoint, SourceListing
+
+
+class LayoutFacts(Protocol):
+    """What a repartitioning knows about its source and target: a :class:`Partition`, or the
+    plan of a streamed write (``tasks.stream``)."""
+
+    step: int | None
+    epoch: int | None
+    source_tp: int
+    source_pp: int
+    target_tp: int
+    target_pp: int
+    precision: str
+    plan_digest: str
+    notes: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -52,19 +67,21 @@ def run_info() -> lineage.RunInfo:
 def start_lineage(
     listing: SourceListing,
     fetched: FetchedCheckpoint,
-    partition: Partition,
+    partition: LayoutFacts,
     destination: str,
     remote: RemoteRun | None = None,
 ) -> lineage.LineageRecord:
     """The record as it goes into the archive: everything but the output and verify result.
 
-    ``remote``: the repartition deployment's run, when the step was handed over.
+    ``partition``: a :class:`Partition` (its ``seconds`` become the ``repartition`` timing), or
+    the facts of a streamed write, timed when it ends. ``remote``: the repartition
+    deployment's run, when the step was handed over.
     """
-    timings = {
-        "list": round(listing.seconds, 3),
-        "fetch": round(fetched.seconds, 3),
-        "repartition": round(partition.seconds, 3),
-    }
+    timings = {"list": round(listing.seconds, 3)}
+    if not listing.local and not fetched.in_place:  # downloaded first
+        timings["fetch"] = round(fetched.seconds, 3)
+    if isinstance(partition, Partition):
+        timings["repartition"] = round(partition.seconds, 3)
     notes = list(fetched.notes) + [n for n in partition.notes if n not in fetched.notes]
     if remote is not None:
         timings["repartition-handoff"] = round(remote.seconds, 3)  # queue + start + run
@@ -91,10 +108,15 @@ def start_lineage(
 
 
 def finish_lineage(
-    record: lineage.LineageRecord, packaged: Packaged, verified: Verified | None
+    record: lineage.LineageRecord,
+    packaged: Packaged,
+    verified: Verified | None,
+    streamed: bool = False,
 ) -> lineage.LineageRecord:
-    """The record once the ``.nemo`` exists: its digest and size, the verify result."""
-    timings = {"package": packaged.seconds}
+    """The record once the ``.nemo`` exists: its digest and size, the verify result.
+
+    ``streamed``: written by ``write-nemo`` (timed as ``write``), not packaged separately."""
+    timings = {} if streamed else {"package": packaged.seconds}
     if verified is not None:
         timings["verify"] = verified.seconds
     return record.completed(

@@ -32,6 +32,7 @@ from ckptcore.storage import get_fs, is_local, local_path
 from tasks import settings
 from tasks.progress import Progress
 from tasks.retry import storage_retries
+from tasks.stream import take_pending
 
 _ASSET_FORBIDDEN = set("\n\r\t\0 #?&%\"'<>[]{}|\\^`")
 _MAX_ASSET_KEY = 512
@@ -167,6 +168,17 @@ class Uploaded:
     seconds: float
 
 
+def _committed(record: lineage.LineageRecord, seconds: float) -> Uploaded:
+    """The ``.nemo`` is in place: write the sidecar (the commit mark), tell the asset."""
+    final = record.with_timing("upload", seconds)
+    sidecar = write_sidecar(final)
+    ctx = AssetContext.get()
+    key = asset_key(record.destination)
+    if ctx is not None and key in {a.key for a in ctx.downstream_assets}:
+        add_asset_metadata(key, final.summary())
+    return Uploaded(record.destination, sidecar, final, seconds)
+
+
 def _upload(packaged_path: str, record: lineage.LineageRecord) -> Uploaded:
     start = time.perf_counter()
     destination = record.destination
@@ -175,14 +187,7 @@ def _upload(packaged_path: str, record: lineage.LineageRecord) -> Uploaded:
     progress = Progress(f"upload {destination}", size)
     put_atomically(packaged_path, destination, metadata=record.object_metadata(), progress=progress)
     progress.finish()
-    seconds = time.perf_counter() - start
-    final = record.with_timing("upload", seconds)
-    sidecar = write_sidecar(final)
-    ctx = AssetContext.get()
-    key = asset_key(destination)
-    if ctx is not None and key in {a.key for a in ctx.downstream_assets}:
-        add_asset_metadata(key, final.summary())
-    return Uploaded(destination, sidecar, final, seconds)
+    return _committed(record, time.perf_counter() - start)
 
 
 @materialize(
@@ -195,6 +200,28 @@ def upload_nemo(packaged_path: str, record: lineage.LineageRecord) -> Uploaded:
     return _upload(packaged_path, record)
 
 
+@materialize(
+    "ckpt://nemo",  # replaced per destination by upload_task()
+    name="upload",
+    **storage_retries(),
+)
+def commit_nemo(pending: str | None, packaged_path: str, record: lineage.LineageRecord) -> Uploaded:
+    """Complete the upload ``write-nemo`` started (its last parts may still be on their way),
+    then the sidecar. Where that upload is gone or failed (a retry), send the local file again."""
+    start = time.perf_counter()
+    upload = take_pending(pending)
+    if upload is None:
+        return _upload(packaged_path, record)
+    _remove(lineage.sidecar_url(record.destination))
+    try:
+        upload.commit()
+    except BaseException:
+        upload.abort()
+        raise
+    record = record.with_timing("commit", time.perf_counter() - start)
+    return _committed(record, upload.upload_seconds or 0.0)
+
+
 def _remove_uncommitted(destination: str) -> Callable[..., None]:
     def hook(task: Any, task_run: Any, state: Any) -> None:
         if not _exists(lineage.sidecar_url(destination)) and _exists(destination):
@@ -205,9 +232,10 @@ def _remove_uncommitted(destination: str) -> Callable[..., None]:
     return hook
 
 
-def upload_task(destination: str, source: str) -> MaterializingTask:
-    """``upload_nemo`` materialising ``destination`` as an asset derived from ``source``."""
-    return upload_nemo.with_options(
+def upload_task(destination: str, source: str, streamed: bool = False) -> MaterializingTask:
+    """``upload_nemo`` (``commit_nemo`` when ``streamed``) materialising ``destination`` as an
+    asset derived from ``source``."""
+    return (commit_nemo if streamed else upload_nemo).with_options(
         assets=[
             Asset(
                 key=asset_key(destination),

@@ -12,6 +12,7 @@
 | ``CKPT_RETRY_BACKOFF`` | ``2`` | first retry delay in seconds, doubled each time (``0`` in tests) |
 | ``CKPT_UPLOAD_CHUNK_BYTES`` | ``67108864`` | multipart part size for S3 uploads (S3 needs >= 5 MiB) |
 | ``CKPT_VERIFY_IMAGES`` | ``2`` | images the verify step runs through source and output (each costs one forward pass of each model) |
+| ``CKPT_UPLOAD`` | ``stream`` | how ``convert`` (repartitioning in-process) uploads to ``s3://``: ``stream`` writes the ``.nemo`` once, locally, while a multipart upload follows the file, completed only once verify passed (aborted otherwise); the object's metadata then lacks the output's sha256 and the verify result (the sidecar has them). ``after``: package, verify, then upload with the full metadata |
 | ``CKPT_UPLOAD_CONCURRENCY`` | ``4`` | parts of one S3 upload sent at the same time (each holds a part in memory) |
 | ``CKPT_RUNNER`` | unset (one process) | map the repartition step over the plan's work items (one task per target rank file) on a task runner: ``threads[:N]``, ``dask`` (a ``LocalCluster``), ``dask://host:8786`` (an existing scheduler; also ``tcp://``/``tls://``), ``ray``, ``ray://host:10001``; ``inline`` forces the one-process path. The ``runner`` flow parameter wins over it |
 | ``CKPT_RUNNER_WORKERS`` | unset: CPU count (threads), Dask's default (``LocalCluster``) | threads of ``threads``, worker processes of a ``dask`` ``LocalCluster`` |
@@ -119,6 +120,14 @@ def verify_images() -> int:
     if value < 1:
         raise CkptError(None, f"CKPT_VERIFY_IMAGES={value}: must be at least 1")
     return value
+
+
+def upload_mode() -> str:
+    """``stream`` (default) or ``after``: see ``CKPT_UPLOAD``."""
+    mode = os.environ.get("CKPT_UPLOAD", "stream").strip() or "stream"
+    if mode not in ("stream", "after"):
+        raise CkptError(None, f"CKPT_UPLOAD={mode!r}: expected stream or after")
+    return mode
 
 
 def upload_concurrency() -> int:

@@ -459,8 +459,14 @@ class FileSink:
     write the whole file.
     """
 
-    def __init__(self, fd: int, write_behind: bool = False) -> None:
+    def __init__(
+        self,
+        fd: int,
+        write_behind: bool = False,
+        on_advance: Callable[[int], None] | None = None,
+    ) -> None:
         self.fd = fd
+        self._on_advance = on_advance
         self._kernel_copy = hasattr(os, "copy_file_range")
         libc = _libc()
         self._flush = libc["sync_file_range"] if write_behind else None
@@ -487,6 +493,8 @@ class FileSink:
                 self._flush, self._flush_fd, self._flushed, self._pos - self._flushed, 2
             )
             self._flushed = self._pos
+        if self._on_advance is not None:
+            self._on_advance(self._pos)
 
     def _write(self, data: bytes | memoryview) -> int:
         view = memoryview(data).cast("B")
@@ -519,6 +527,11 @@ class FileSink:
             self._advance(length)
 
 
-def file_sink(fd: int, write_behind: bool = True) -> FileSink:
-    """A sink writing to a file descriptor, handling short writes; see :class:`FileSink`."""
-    return FileSink(fd, write_behind)
+def file_sink(
+    fd: int, write_behind: bool = True, on_advance: Callable[[int], None] | None = None
+) -> FileSink:
+    """A sink writing to a file descriptor, handling short writes; see :class:`FileSink`.
+
+    ``on_advance(position)``: called after each write with the file's new end (for a reader
+    following the file, e.g. :class:`ckptcore.multipart.FollowingUpload`)."""
+    return FileSink(fd, write_behind, on_advance)

@@ -1,6 +1,11 @@
-"""Small shared test helpers: read a .nemo's per-rank state dicts and compare them bitwise."""
+"""Small shared test helpers: read a .nemo's per-rank state dicts and compare them bitwise;
+a local S3 server."""
 
 from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
 
 import torch
 
@@ -33,3 +38,45 @@ def bitwise_equal(a: dict, b: dict) -> bool:
         ):
             return False
     return True
+
+
+_AWS_VARS = (
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_DEFAULT_REGION",
+)
+
+
+@contextlib.contextmanager
+def local_s3(*buckets: str) -> Iterator:
+    """moto's S3 server on 127.0.0.1 (a free port) with ``buckets``; yields an s3fs filesystem
+    on it. s3fs finds it through the environment, restored afterwards."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    old = {k: os.environ.get(k) for k in _AWS_VARS}
+    os.environ.update(
+        AWS_ENDPOINT_URL_S3=f"http://{host}:{port}",
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        fs = s3fs.S3FileSystem()
+        for bucket in buckets:
+            fs.mkdir(bucket)
+        yield fs
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+        server.stop()
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import local_s3
 
 from ckptcore.api import convert
 from ckptcore.cli import main as cli_main
@@ -780,33 +781,9 @@ def test_errors_from_the_reader_name_the_file(made, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    names = ("AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
-    old = {k: os.environ.get(k) for k in (*names, "AWS_DEFAULT_REGION")}
-    os.environ.update(
-        AWS_ENDPOINT_URL_S3=f"http://{host}:{port}",
-        AWS_ACCESS_KEY_ID="testing",
-        AWS_SECRET_ACCESS_KEY="testing",
-        AWS_DEFAULT_REGION="us-east-1",
-    )
-    import s3fs
-
-    s3fs.S3FileSystem.clear_instance_cache()
-    fs = s3fs.S3FileSystem()
-    fs.mkdir("zipped")
-    yield fs
-    s3fs.S3FileSystem.clear_instance_cache()
-    server.stop()
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+def s3():
+    with local_s3("zipped") as fs:
+        yield fs
 
 
 def test_rezipped_checkpoint_on_s3(made, s3, tmp_path, monkeypatch):

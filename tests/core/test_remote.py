@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from helpers import bitwise_equal, rank_state_dicts
+from helpers import bitwise_equal, local_s3, rank_state_dicts
 
 from ckptcore.api import convert, load_state_dict
 from ckptcore.sample import vit_config, write_training_checkpoint
@@ -14,40 +14,9 @@ from ckptcore.storage import RemoteFile
 
 
 @pytest.fixture(scope="module")
-def s3_url(tmp_path_factory):
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    old = {
-        k: os.environ.get(k)
-        for k in (
-            "AWS_ENDPOINT_URL_S3",
-            "AWS_ACCESS_KEY_ID",
-            "AWS_SECRET_ACCESS_KEY",
-            "AWS_DEFAULT_REGION",
-        )
-    }
-    os.environ.update(
-        AWS_ENDPOINT_URL_S3=f"http://{host}:{port}",
-        AWS_ACCESS_KEY_ID="testing",
-        AWS_SECRET_ACCESS_KEY="testing",
-        AWS_DEFAULT_REGION="us-east-1",
-    )
-    import s3fs
-
-    s3fs.S3FileSystem.clear_instance_cache()
-    fs = s3fs.S3FileSystem()
-    fs.mkdir("ckpts")
-    yield fs
-    s3fs.S3FileSystem.clear_instance_cache()
-    server.stop()
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+def s3_url():
+    with local_s3("ckpts") as fs:
+        yield fs
 
 
 def test_convert_s3_to_s3_reads_only_the_weights(s3_url, tmp_path) -> None:

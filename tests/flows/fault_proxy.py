@@ -96,7 +96,9 @@ class FaultProxy:
                 for k, v in resp.getheaders():
                     if k.lower() not in _HOP_HEADERS and k.lower() != "content-length":
                         self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
+                # HEAD: the length of the body a GET would get (the object's size)
+                length = resp.getheader("Content-Length") if self.command == "HEAD" else None
+                self.send_header("Content-Length", length or str(len(data)))
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)

@@ -73,7 +73,17 @@ async def _asset_events(asset: str) -> list[dict]:
     return []
 
 
-def test_tp2_training_checkpoint_in_s3_becomes_tp1_nemo_in_s3(s3, work_dir, prefix, sample_factory):
+def _pending_uploads(s3, bucket: str, prefix: str) -> list[dict]:
+    """Multipart uploads started under ``prefix`` and neither completed nor aborted."""
+    reply = s3.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix)
+    return reply.get("Uploads", [])
+
+
+@pytest.mark.parametrize("upload", ["stream", "after"])
+def test_tp2_training_checkpoint_in_s3_becomes_tp1_nemo_in_s3(
+    s3, work_dir, prefix, sample_factory, monkeypatch, upload
+):
+    monkeypatch.setenv("CKPT_UPLOAD", upload)
     src = f"s3://ckpt-training/{prefix}/checkpoints"
     dest = f"s3://ckpt-models/{prefix}/vit-tp1.nemo"
     sample = sample_factory(s3, src, tp=2)
@@ -117,7 +127,11 @@ def test_tp2_training_checkpoint_in_s3_becomes_tp1_nemo_in_s3(s3, work_dir, pref
     assert record.run.flow_run_id == str(state.state_details.flow_run_id)
     assert record.run.parameters["source"] == src
     assert {"ckpt-pipeline", "torch", "prefect", "python"} <= set(record.versions)
-    assert {"list", "fetch", "repartition", "package", "verify", "upload"} <= set(record.timings)
+    if upload == "stream":  # one pass writes the archive; the upload overlapped it and verify
+        assert {"list", "write", "verify", "upload", "commit"} <= set(record.timings)
+    else:
+        assert {"list", "repartition", "package", "verify", "upload"} <= set(record.timings)
+    assert "fetch" not in record.timings  # read in place: nothing was fetched
 
     # The archive's member is the same record before the output existed.
     import tarfile
@@ -128,9 +142,16 @@ def test_tp2_training_checkpoint_in_s3_becomes_tp1_nemo_in_s3(s3, work_dir, pref
     assert member["source_digest"] == record.source_digest
     assert member["run"]["flow_run_id"] == record.run.flow_run_id
 
-    # Object metadata carries the summary.
+    # Object metadata carries the summary (streamed: as known when the upload started, so the
+    # output's digest and the verify result are only in the sidecar it names).
     meta = s3.metadata(dest.removeprefix("s3://"))
-    assert meta["sha256"] == record.output.sha256
+    if upload == "stream":
+        assert "sha256" not in meta and "verify-passed" not in meta
+        assert meta["lineage"] == "vit-tp1.nemo.lineage.json"
+        assert _pending_uploads(s3, "ckpt-models", prefix) == []
+    else:
+        assert meta["sha256"] == record.output.sha256
+        assert meta["verify-passed"] == "true"
     assert meta["source"] == src
     assert meta["source-digest"] == record.source_digest
     assert meta["target-layout"] == "tp1-pp1"
@@ -160,9 +181,10 @@ def test_rerun_after_a_failed_upload_resumes_from_the_cache(
     s3, work_dir, prefix, sample_factory, monkeypatch, read
 ):
     """A run that fails late keeps its repartition result (and, downloading, the fetched
-    files); the rerun reuses them."""
+    files); the rerun reuses them. (Uploading after verify; streamed: the next test.)"""
     import tasks.publish
 
+    monkeypatch.setenv("CKPT_UPLOAD", "after")
     monkeypatch.setenv("CKPT_SOURCE_READ", read)
     src = f"s3://ckpt-training/{prefix}/checkpoints"
     dest = f"s3://ckpt-models/{prefix}/vit.nemo"
@@ -197,6 +219,43 @@ def test_rerun_after_a_failed_upload_resumes_from_the_cache(
         assert f.etag == info["ETag"].strip('"')  # the identity either way: digests agree
         local = f"{sample.local}/{f.url.removeprefix(src + '/')}"
         assert f.sha256 == (sha256_file(local) if read == "download" else None)
+
+
+def test_a_failed_streamed_upload_leaves_nothing_and_the_rerun_reads_the_source_from_the_cache(
+    s3, proxy, work_dir, prefix, sample_factory
+):
+    """Every PUT to the destination fails: the parts sent while writing, then the retries of
+    the whole file. The multipart upload is aborted (no object, no parts left); the rerun
+    writes the archive again from the range cache the failed run left (no source byte is
+    fetched twice) and completes."""
+    src = f"s3://ckpt-training/{prefix}/checkpoints"
+    dest = f"s3://ckpt-models/{prefix}/vit.nemo"
+    sample = sample_factory(s3, src, tp=2)
+    rule = proxy.fail("PUT", f"/ckpt-models/{prefix}/vit.nemo", count=10**6)
+
+    first = convert_vit(source=src, destination=dest, target_tp=1, return_state=True)
+    assert first.is_failed()
+    assert rule.hits > 1
+    assert any("partNumber=" in path for path in rule.failed)  # a part sent while writing
+    assert s3.find(f"ckpt-models/{prefix}") == []
+    assert _pending_uploads(s3, "ckpt-models", prefix) == []
+    runs = asyncio.run(_task_runs(str(first.state_details.flow_run_id)))
+    assert runs["write-nemo"] == ["Completed"] and runs["verify"] == ["Completed"]
+    assert runs["upload"] == ["Failed"]
+    read_first = proxy.bytes_read(f"/ckpt-training/{prefix}/")
+    assert read_first > 0
+
+    rule.count = rule.hits  # the destination accepts writes again
+    second = convert_vit(source=src, destination=dest, target_tp=1, return_state=True)
+    assert second.is_completed(), second
+    assert proxy.bytes_read(f"/ckpt-training/{prefix}/") == read_first
+    runs = asyncio.run(_task_runs(str(second.state_details.flow_run_id)))
+    assert runs["write-nemo"] == ["Completed"] and runs["upload"] == ["Completed"]
+    _, sd = load_state_dict(dest)
+    for key, value in sample.state_dict.items():
+        if value is not None:
+            assert torch.equal(sd[key], value), key
+    assert _pending_uploads(s3, "ckpt-models", prefix) == []
 
 
 @pytest.mark.parametrize("runner", [None, "threads:2"])

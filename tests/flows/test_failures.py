@@ -40,34 +40,82 @@ async def _task_runs(flow_run_id: str) -> dict[str, list[tuple[str, int]]]:
     return out
 
 
-@pytest.mark.usefixtures("prefect_api")
-def test_failed_verify_uploads_nothing(s3, work_dir, prefix, sample_factory, monkeypatch):
-    """A repartition bug (one head weight off by 1e-3) is caught by verify; nothing is uploaded."""
-    import tasks.convert
+def _nudge_head_weight(state_dict_bytes: bytes) -> bytes:
+    """The same ``model_weights.ckpt`` bytes with one head weight off by 1e-3."""
+    import io
+    import struct
 
+    sd = torch.load(io.BytesIO(state_dict_bytes), weights_only=True)
+    data = sd["model.head.dense_out.weight"].contiguous().numpy().tobytes()
+    at = state_dict_bytes.find(data)
+    assert at >= 0 and state_dict_bytes.find(data, at + 1) < 0
+    (first,) = struct.unpack_from("<f", state_dict_bytes, at)
+    out = bytearray(state_dict_bytes)
+    struct.pack_into("<f", out, at, first + 1e-3)
+    return bytes(out)
+
+
+def _buggy_repartition(monkeypatch: pytest.MonkeyPatch, upload: str) -> None:
+    """Make the repartition step of ``upload`` mode write a wrong head weight."""
+    if upload == "after":
+        import tasks.convert
+
+        real = tasks.convert.write_rank_files
+
+        def buggy_write_rank_files(ck, plan, out_dir, **kwargs):
+            files = real(ck, plan, out_dir, **kwargs)
+            path = files["model_weights.ckpt"]
+            with open(path, "rb") as f:
+                data = _nudge_head_weight(f.read())
+            with open(path, "wb") as f:
+                f.write(data)
+            return files
+
+        monkeypatch.setattr(tasks.convert, "write_rank_files", buggy_write_rank_files)
+        return
+    import tasks.stream
+    from ckptcore.formats.nemo import MemberSource
+
+    real_members = tasks.stream.nemo_members
+
+    def buggy_members(ck, plan, **kwargs):
+        members = real_members(ck, plan, **kwargs)
+        good = members["model_weights.ckpt"]
+
+        def produce(sink) -> None:
+            chunks: list[bytes] = []
+            good.write(lambda data: chunks.append(bytes(data)))
+            sink(_nudge_head_weight(b"".join(chunks)))
+
+        members["model_weights.ckpt"] = MemberSource(good.size, produce)
+        return members
+
+    monkeypatch.setattr(tasks.stream, "nemo_members", buggy_members)
+
+
+@pytest.mark.usefixtures("prefect_api")
+@pytest.mark.parametrize("upload", ["stream", "after"])
+def test_failed_verify_uploads_nothing(s3, work_dir, prefix, sample_factory, monkeypatch, upload):
+    """A repartition bug (one head weight off by 1e-3) is caught by verify; nothing is uploaded
+    (streamed: the parts sent while writing are dropped with their multipart upload)."""
+    monkeypatch.setenv("CKPT_UPLOAD", upload)
     src = f"s3://ckpt-training/{prefix}/checkpoints"
     dest = f"s3://ckpt-models/{prefix}/vit.nemo"
     sample_factory(s3, src, tp=2)
-    real = tasks.convert.write_rank_files
-
-    def buggy_write_rank_files(ck, plan, out_dir, **kwargs):
-        files = real(ck, plan, out_dir, **kwargs)
-        path = files["model_weights.ckpt"]
-        sd = torch.load(path, weights_only=True)
-        sd["model.head.dense_out.weight"][0, 0] += 1e-3
-        torch.save(sd, path)
-        return files
-
-    monkeypatch.setattr(tasks.convert, "write_rank_files", buggy_write_rank_files)
+    _buggy_repartition(monkeypatch, upload)
     state = convert_vit(source=src, destination=dest, target_tp=1, return_state=True)
 
     assert state.is_failed()
     with pytest.raises(Exception, match="verify failed: max \\|logit diff\\|"):
         state.result()
     assert s3.find(f"ckpt-models/{prefix}") == []
+    pending = s3.call_s3("list_multipart_uploads", Bucket="ckpt-models", Prefix=prefix)
+    assert pending.get("Uploads", []) == []
     runs = asyncio.run(_task_runs(str(state.state_details.flow_run_id)))
     assert runs["verify"] == [("Failed", 1)]  # a CkptError is never retried
     assert "upload" not in runs
+    if upload == "stream":
+        assert runs["write-nemo"] == [("Completed", 1)]
 
 
 @pytest.mark.usefixtures("prefect_api")

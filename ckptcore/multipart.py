@@ -1,0 +1,230 @@
+"""An S3 multipart upload of a local file *while another thread writes it*, completed on request.
+
+The writer reports how far the file is written (:meth:`FollowingUpload.written`); a part is read
+back (from the page cache) and sent as soon as the writer has passed its end, ``concurrency``
+parts at a time, so the upload runs alongside the conversion instead of after it.
+:meth:`~FollowingUpload.finish` marks the end of the file, :meth:`~FollowingUpload.wait` returns
+once every part is stored, :meth:`~FollowingUpload.commit` completes the upload (the object
+appears whole, at once) and :meth:`~FollowingUpload.abort` drops the parts (nothing appears).
+Between the end of writing and ``commit`` the caller can check the local file (verify it) while
+the last parts are still on their way.
+
+The object's user metadata is fixed when the upload starts (S3 takes it with
+``CreateMultipartUpload``), so it can only hold what is known before writing.
+
+A process killed mid-upload leaves the parts stored but invisible: an S3 lifecycle rule
+(``AbortIncompleteMultipartUpload``) removes them.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from ckptcore.errors import CkptError, storage_error
+
+MIN_PART_BYTES = 5 << 20  # S3: every part but the last
+MAX_PARTS = 10_000
+
+
+def part_size_for(expected_bytes: int, preferred: int) -> int:
+    """``preferred``, raised so that ``expected_bytes`` fits in S3's 10,000 parts (with room)."""
+    return max(MIN_PART_BYTES, preferred, -(-expected_bytes // (MAX_PARTS - 1000)))
+
+
+def is_s3(url: str) -> bool:
+    return url.startswith(("s3://", "s3a://"))
+
+
+class FollowingUpload:
+    """Upload ``path`` to ``url`` (``s3://``) by multipart as it grows; see the module doc."""
+
+    def __init__(
+        self,
+        path: str,
+        url: str,
+        part_size: int,
+        concurrency: int = 4,
+        metadata: dict[str, str] | None = None,
+        content_type: str | None = None,
+    ) -> None:
+        from ckptcore.storage import get_fs
+
+        if not is_s3(url):
+            raise CkptError(url, "a following multipart upload needs an s3:// destination")
+        if part_size < MIN_PART_BYTES:
+            raise CkptError(url, f"part size {part_size} is below S3's minimum of 5 MiB")
+        self.path = path
+        self.url = url
+        self.part_size = part_size
+        self.fs, fs_path = get_fs(url)
+        self.bucket, self.key, _ = self.fs.split_path(fs_path)
+        self._fs_path = fs_path
+        self._cond = threading.Condition()
+        self._written = 0
+        self._size: int | None = None  # set by finish()
+        self._error: BaseException | None = None
+        self._parts: dict[int, str] = {}  # part number -> ETag
+        self._futures: list[Future] = []
+        self._state = "open"  # open -> committed | aborted
+        self.sent_bytes = 0
+        self.started = time.perf_counter()
+        self.upload_seconds: float | None = None
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": self.key}
+        if metadata:
+            kwargs["Metadata"] = metadata
+        if content_type:
+            kwargs["ContentType"] = content_type
+        try:
+            self.upload_id = self._call("create_multipart_upload", **kwargs)["UploadId"]
+        except Exception as exc:
+            raise storage_error(url, "upload failed", exc) from exc
+        self._fd = os.open(path, os.O_RDONLY)
+        self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="ckpt-part")
+        self._dispatcher = threading.Thread(target=self._dispatch, name="ckpt-upload", daemon=True)
+        self._dispatcher.start()
+
+    # -- the writer's side ----------------------------------------------------------------
+
+    def written(self, position: int) -> None:
+        """The file holds its bytes up to ``position`` (a writer's running total)."""
+        with self._cond:
+            if position > self._written:
+                self._written = position
+                self._cond.notify_all()
+
+    def finish(self, size: int) -> None:
+        """Writing is over: the file is ``size`` bytes long."""
+        with self._cond:
+            self._written = self._size = size
+            self._cond.notify_all()
+
+    # -- the uploader -----------------------------------------------------------------------
+
+    def _call(self, method: str, **kwargs: Any) -> Any:
+        from fsspec.asyn import sync
+
+        return sync(self.fs.loop, self.fs._call_s3, method, **kwargs)
+
+    def _dispatch(self) -> None:
+        number, offset = 1, 0
+        while True:
+            with self._cond:
+                end = offset + self.part_size
+                while (
+                    self._error is None
+                    and self._state == "open"
+                    and self._written < end
+                    and self._size is None
+                ):
+                    self._cond.wait()
+                if self._error is not None or self._state != "open":
+                    return
+                last = self._size is not None and self._size <= end
+                length = (self._size - offset) if last else self.part_size  # type: ignore[operator]
+            if length > 0 or number == 1:  # an empty file is one empty part
+                self._futures.append(self._pool.submit(self._send, number, offset, length))
+            if last:
+                return
+            number, offset = number + 1, end
+
+    def _send(self, number: int, offset: int, length: int) -> None:
+        if self._error is not None or self._state != "open":
+            return
+        try:
+            data = _pread_all(self._fd, offset, length, self.path)
+            reply = self._call(
+                "upload_part",
+                Bucket=self.bucket,
+                Key=self.key,
+                UploadId=self.upload_id,
+                PartNumber=number,
+                Body=data,
+            )
+        except BaseException as exc:  # noqa: BLE001 - handed to wait()
+            with self._cond:
+                if self._error is None:
+                    self._error = exc
+                self._cond.notify_all()
+            return
+        with self._cond:
+            self._parts[number] = reply["ETag"]
+            self.sent_bytes += length
+
+    # -- the caller's side -----------------------------------------------------------------
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until every part is stored; the first part's failure is raised here.
+
+        Call it after :meth:`finish` (before, nothing says where the file ends)."""
+        if self._size is None and self._error is None and self._state == "open":
+            raise CkptError(self.url, "upload waited on before the file was finished")
+        self._dispatcher.join(timeout)
+        for future in list(self._futures):
+            future.result(timeout)
+        if self._error is not None:
+            raise storage_error(self.url, "upload failed", self._error) from self._error
+        if self._size is None or self._state != "open":
+            raise CkptError(self.url, f"upload is {self._state}, not finished writing")
+        if self.upload_seconds is None:
+            self.upload_seconds = time.perf_counter() - self.started
+
+    def commit(self) -> None:
+        """Complete the upload: the object appears at ``url`` with every part."""
+        self.wait()
+        parts = [{"PartNumber": n, "ETag": self._parts[n]} for n in sorted(self._parts)]
+        try:
+            self._call(
+                "complete_multipart_upload",
+                Bucket=self.bucket,
+                Key=self.key,
+                UploadId=self.upload_id,
+                MultipartUpload={"Parts": parts},
+            )
+        except Exception as exc:
+            raise storage_error(self.url, "upload failed", exc) from exc
+        self._state = "committed"
+        self.fs.invalidate_cache(self._fs_path)
+        self._close()
+
+    def abort(self) -> None:
+        """Drop the upload and its parts; nothing appears at ``url``. Safe to call twice."""
+        with self._cond:
+            if self._state != "open":
+                return
+            self._state = "aborted"
+            self._cond.notify_all()
+        self._dispatcher.join()
+        for future in list(self._futures):
+            future.exception()  # let parts in flight end before the upload goes
+        try:
+            self._call(
+                "abort_multipart_upload", Bucket=self.bucket, Key=self.key, UploadId=self.upload_id
+            )
+        except Exception:
+            pass  # never completed, the upload stays invisible; a lifecycle rule removes it
+        self._close()
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    def _close(self) -> None:
+        self._pool.shutdown(wait=True)
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _pread_all(fd: int, offset: int, length: int, path: str) -> bytes:
+    chunks, done = [], 0
+    while done < length:
+        chunk = os.pread(fd, length - done, offset + done)
+        if not chunk:
+            raise CkptError(path, f"ends at {offset + done}, before the {length}-byte part")
+        chunks.append(chunk)
+        done += len(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)

@@ -1,0 +1,158 @@
+"""Streamed publishing: write the ``.nemo`` once, locally, while its upload follows it.
+
+``write-nemo`` plans the repartitioning and writes the archive (rank files produced on the fly,
+``lineage.json`` included) to a work file; a :class:`ckptcore.follow.FollowingDigest` hashes it
+and, for an ``s3://`` destination, a :class:`ckptcore.multipart.FollowingUpload` sends its
+parts as they are written. The task returns once the file is whole; the upload goes on while
+``verify`` checks that file, and ``upload`` (:func:`tasks.publish.commit_nemo`) completes it only
+then. Whatever fails in between aborts it (:func:`discard_pending`): nothing appears at the
+destination. This replaces repartition -> package -> upload-after, which wrote every byte three
+times locally and sent it only at the end.
+
+A pending upload lives in this process (the flow's). Where it is gone (a retried ``upload``
+task, another process), ``upload`` sends the local file again instead.
+
+No result cache: a rerun writes again, reading the source from the range cache the failed run
+left in the work folder (so nothing is fetched twice).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from ckptcore import lineage
+from ckptcore.api import nemo_members, plan_conversion, write_nemo_file
+from ckptcore.follow import FollowingDigest
+from ckptcore.formats.nemo import MemberSource
+from ckptcore.multipart import FollowingUpload, is_s3, part_size_for
+from ckptcore.sources import open_checkpoint
+from tasks import settings
+from tasks.convert import Packaged
+from tasks.lineage import start_lineage
+from tasks.progress import Progress
+from tasks.source import FetchedCheckpoint, SourceListing, check_unchanged
+
+_PENDING: dict[str, FollowingUpload] = {}
+_LOCK = threading.Lock()
+
+
+def streams_upload(destination: str) -> bool:
+    """Does ``convert`` stream its upload to ``destination``? (``CKPT_UPLOAD``, S3 only)"""
+    return is_s3(destination) and settings.upload_mode() == "stream"
+
+
+def take_pending(key: str | None) -> FollowingUpload | None:
+    """The pending upload ``key`` names, removed from the registry (None if gone)."""
+    if key is None:
+        return None
+    with _LOCK:
+        return _PENDING.pop(key, None)
+
+
+def discard_pending(key: str | None) -> None:
+    """Abort the upload ``key`` names if it is still pending (after a failure, say)."""
+    pending = take_pending(key)
+    if pending is not None:
+        pending.abort()
+
+
+@dataclass(frozen=True)
+class PlannedLayout:
+    """What the plan of a streamed write says (the lineage's layout facts)."""
+
+    step: int | None
+    epoch: int | None
+    source_tp: int
+    source_pp: int
+    target_tp: int
+    target_pp: int
+    precision: str
+    plan_digest: str
+    notes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Written:
+    """The ``.nemo`` in the work folder, its lineage record (as archived), and the key of its
+    pending upload in this process (None: none was started)."""
+
+    packaged: Packaged
+    record: lineage.LineageRecord
+    upload: str | None
+    tensor_bytes: int
+
+
+@task(name="write-nemo", cache_policy=NO_CACHE)
+def write_nemo(
+    listing: SourceListing,
+    fetched: FetchedCheckpoint,
+    target_tp: int | None,
+    target_pp: int | None,
+    precision: str,
+    destination: str,
+    work_dir: str,
+) -> Written:
+    """Repartition into the ``.nemo`` (lineage member included) in one pass, uploading it to an
+    ``s3://`` destination as it is written; the upload is completed later by ``upload``."""
+    start = time.perf_counter()
+    out_dir = os.path.join(work_dir, f"package-{uuid.uuid4().hex[:12]}")
+    os.makedirs(out_dir, exist_ok=True)
+    out_path = os.path.join(out_dir, destination.rsplit("/", 1)[-1])
+    with open_checkpoint(fetched.open_url, cache=fetched.cache_dir) as ck:
+        plan = plan_conversion(ck, target_tp, target_pp, precision)
+        facts = PlannedLayout(
+            step=ck.step,
+            epoch=ck.epoch,
+            source_tp=ck.tp,
+            source_pp=ck.pp,
+            target_tp=plan.target.tp,
+            target_pp=plan.target.pp,
+            precision=str(plan.config.get("precision")),
+            plan_digest=plan.digest(),
+            notes=tuple(ck.notes),
+        )
+        record = start_lineage(listing, fetched, facts, destination)
+        tensor_bytes = sum(fp.write_bytes for fp in plan.files)
+        progress = Progress(
+            f"repartition to TP={plan.target.tp} PP={plan.target.pp} into {out_path}", tensor_bytes
+        )
+        members = nemo_members(ck, plan, progress=progress.tensor)
+        members[lineage.MEMBER_NAME] = record.to_json().encode()
+        expected = sum(m.size if isinstance(m, MemberSource) else len(m) for m in members.values())
+        open(out_path, "wb").close()  # the followers open it before the first byte
+        digest = FollowingDigest(out_path)
+        upload = None
+        try:
+            if is_s3(destination):
+                upload = FollowingUpload(
+                    out_path,
+                    destination,
+                    part_size_for(expected, settings.upload_chunk_bytes()),
+                    settings.upload_concurrency(),
+                    metadata=record.object_metadata(),
+                )
+            size = write_nemo_file(members, out_path, [f for f in (digest, upload) if f])
+            sha256 = digest.hexdigest()
+            if fetched.in_place:
+                check_unchanged(fetched)  # the bytes read all come from the objects as listed
+        except BaseException:
+            digest.cancel()
+            if upload is not None:
+                upload.abort()
+            raise
+        progress.finish()
+    key = None
+    if upload is not None:
+        key = uuid.uuid4().hex
+        with _LOCK:
+            _PENDING[key] = upload
+    seconds = time.perf_counter() - start
+    packaged = Packaged(out_path, size, sha256, seconds)
+    return Written(packaged, record.with_timing("write", seconds), key, tensor_bytes)
