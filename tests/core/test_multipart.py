@@ -104,9 +104,7 @@ def test_abort_before_the_file_ends_stops_the_uploader(s3, tmp_path):
         upload.wait()
 
 
-def test_metadata_is_set_when_the_upload_starts_and_an_empty_file_is_one_empty_part(
-    s3, tmp_path
-):
+def test_metadata_is_set_when_the_upload_starts_and_an_empty_file_is_one_empty_part(s3, tmp_path):
     path = str(tmp_path / "empty.bin")
     open(path, "wb").close()
     upload = FollowingUpload(path, "s3://out/empty.bin", PART, metadata={"plan-digest": "abc"})
