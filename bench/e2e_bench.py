@@ -14,7 +14,11 @@ the process tree), the proxy's counters reset before each:
   ``floor-overlap``: the same with a reader thread up to 64 MiB ahead of the writer;
 - ``flow`` / ``flow-noverify``: ``flows.convert.convert_vit(source=s3://..., destination=s3://...nemo,
   target_tp=2, overwrite=True[, verify=False])`` against a Prefect server (the local stack,
-  ``deployments/serve.sh``, started once for the benchmark);
+  ``deployments/serve.sh``, started once for the benchmark); the upload streams while the
+  ``.nemo`` is written (``CKPT_UPLOAD=stream``, the default) and is completed after verify;
+  ``flow-after``: the same with ``CKPT_UPLOAD=after`` (package, verify, then upload); the
+  phases are the lineage record's timings (streamed: ``upload`` overlaps ``write`` and
+  ``verify``, ``commit`` is what is left of it after verify);
 - ``flow-threads``: the same in the mapped mode (``runner="threads"``, staging in the local
   work folder);
 - ``ckpt-s3``: ``ckpt convert s3://... s3://....nemo --target-tp 2`` (ckptcore alone, no Prefect,
@@ -84,12 +88,14 @@ VARIANTS = {
     "floor-overlap": "floor, reads overlapped with writes",
     "flow": "convert flow (verify)",
     "flow-noverify": "convert flow (verify=False)",
+    "flow-after": "convert flow, upload after verify (CKPT_UPLOAD=after)",
     "flow-threads": "convert flow, mapped (runner=threads)",
     "ckpt-s3": "ckpt convert s3:// → s3:// (no Prefect)",
     "download-convert-upload": "download → ckpt convert → upload",
     "naive": "naive: download → load all → cat → save → upload",
 }
-FLOW_VARIANTS = ("flow", "flow-noverify", "flow-threads")
+FLOW_VARIANTS = ("flow", "flow-noverify", "flow-after", "flow-threads")
+FLOW_ENV = {"flow-after": {"CKPT_UPLOAD": "after"}}
 
 
 # -- infrastructure -----------------------------------------------------------------------------
@@ -415,7 +421,13 @@ def child_flow(spec: dict) -> dict:
 
     t0 = time.perf_counter()
     summary = convert_vit(**spec["params"])
-    return {"work_s": time.perf_counter() - t0, "summary": summary}
+    work_s = time.perf_counter() - t0
+    import fsspec
+
+    sidecar = spec["params"]["destination"] + ".lineage.json"
+    with fsspec.open(sidecar, "rb") as f:
+        timings = json.load(f)["timings"]
+    return {"work_s": work_s, "summary": summary, "phases": timings}
 
 
 def _download(fs, src: str, local: str) -> float:
@@ -642,7 +654,8 @@ class Bench:
             AWS_DEFAULT_REGION="us-east-1",
             PREFECT_SERVER_ANALYTICS_ENABLED="false",
         )
-        for k in ("CKPT_RUNNER", "CKPT_STAGING_URL", "CKPT_SCRATCH_URL", "CKPT_REPARTITION"):
+        for k in ("CKPT_RUNNER", "CKPT_STAGING_URL", "CKPT_SCRATCH_URL", "CKPT_REPARTITION",
+                  "CKPT_UPLOAD"):  # fmt: skip
             self.env.pop(k, None)
 
     def child(self, kind: str, spec: dict, name: str, env: dict | None = None) -> dict:
@@ -724,6 +737,7 @@ class Bench:
                         raise RuntimeError("flow variants need the stack")
                     env.update(flow_env, AWS_ENDPOINT_URL_S3=self.proxy_url)
                     env["CKPT_WORK_DIR"] = child_work
+                    env.update(FLOW_ENV.get(variant, {}))
                     env.pop("CKPT_SCRATCH_URL", None)  # mapped mode: stage in the work folder
                 reset_counters(self.proxy_url)
                 r = self.child(kind, spec, f"{variant}-{rep}", env)
