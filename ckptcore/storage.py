@@ -7,6 +7,7 @@ file-backed pages) and object storage answers with ranged GETs.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import hashlib
 import json
@@ -143,19 +144,73 @@ class LocalFile:
             self._fd = -1
 
 
-def coalesce(ranges: list[tuple[int, int]], gap: int, part: int) -> list[tuple[int, int]]:
+def coalesce(
+    ranges: list[tuple[int, int]],
+    gap: int,
+    part: int,
+    keep_apart: Callable[[int, int], bool] | None = None,
+) -> list[tuple[int, int]]:
     """``(offset, length)`` ranges, in reading order, as ``[start, end)`` requests: a range
     that starts at most ``gap`` bytes after the previous one ends joins its request while the
-    request stays within ``part`` bytes; a range longer than ``part`` is cut into parts."""
+    request stays within ``part`` bytes (and ``keep_apart(end, start)`` of the gap is false);
+    a range longer than ``part`` is cut into parts."""
     out: list[tuple[int, int]] = []
     for off, length in ranges:
         end = off + length
-        if out and 0 <= off - out[-1][1] <= gap and end - out[-1][0] <= part:
+        if (
+            out
+            and 0 <= off - out[-1][1] <= gap
+            and end - out[-1][0] <= part
+            and not (keep_apart is not None and off > out[-1][1] and keep_apart(out[-1][1], off))
+        ):
             out[-1] = (out[-1][0], end)
             continue
         for p in range(off, end, part):
             out.append((p, min(p + part, end)))
     return out
+
+
+class KeptRanges:
+    """Ranges fetched by :meth:`RemoteFile.read_ranges` (a zip's local headers, with the small
+    records between them), kept in memory when there is no range cache: later reads of them
+    are answered here instead of fetching them again."""
+
+    def __init__(self) -> None:
+        self._starts: list[int] = []
+        self._pieces: list[bytes] = []
+        self._lock = threading.Lock()
+
+    def _find(self, offset: int, length: int) -> int | None:
+        i = bisect.bisect_right(self._starts, offset) - 1
+        if i >= 0 and offset + length <= self._starts[i] + len(self._pieces[i]):
+            return i
+        return None
+
+    def covers(self, offset: int, length: int) -> bool:
+        with self._lock:
+            return self._find(offset, length) is not None
+
+    def overlaps(self, start: int, end: int) -> bool:
+        with self._lock:
+            i = bisect.bisect_left(self._starts, end) - 1
+            return i >= 0 and self._starts[i] + len(self._pieces[i]) > start
+
+    def read(self, offset: int, length: int) -> bytes:
+        with self._lock:
+            i = self._find(offset, length)
+            if i is None:
+                raise KeyError((offset, length))
+            lo = offset - self._starts[i]
+            return self._pieces[i][lo : lo + length]
+
+    def put_many(self, pieces: list[tuple[int, bytes | memoryview]]) -> None:
+        with self._lock:
+            for offset, data in pieces:
+                if self._find(offset, len(data)) is not None:
+                    continue
+                i = bisect.bisect_right(self._starts, offset)
+                self._starts.insert(i, offset)
+                self._pieces.insert(i, bytes(data))
 
 
 class RemoteFile:
@@ -187,6 +242,7 @@ class RemoteFile:
         self.requests = 0
         self.cached_bytes = 0  # answered by the range cache
         self._cached = cache.entry(url, size, etag) if cache is not None else None
+        self._kept = KeptRanges() if self._cached is None else None
         self._lock = threading.Lock()
         self._planned: collections.deque[tuple[int, int]] = collections.deque()
         self._ahead: dict[tuple[int, int], Future] = {}
@@ -197,12 +253,13 @@ class RemoteFile:
         if length == 0:
             return b""
         _check_range(self.name, offset, length, self.size)
-        cached = self._cached
-        if cached is not None and cached.covers(offset, length):
-            data = cached.read(offset, length)
+        held = self._holder(offset, length)
+        if held is not None:
+            data = held.read(offset, length)
             with self._lock:
                 self.cached_bytes += length
             return data
+        cached = self._cached
         data = self._fs.cat_file(self._path, start=offset, end=offset + length)
         with self._lock:
             self.bytes_read += len(data)
@@ -219,9 +276,9 @@ class RemoteFile:
         missing = []
         for i, (offset, length) in enumerate(ranges):
             _check_range(self.name, offset, length, self.size)
-            cached = self._cached
-            if cached is not None and cached.covers(offset, length):
-                out[i] = cached.read(offset, length)
+            held = self._holder(offset, length)
+            if held is not None:
+                out[i] = held.read(offset, length)
                 with self._lock:
                     self.cached_bytes += length
             else:
@@ -243,9 +300,22 @@ class RemoteFile:
             with self._lock:
                 self.bytes_read += sum(ranges[i][1] for i in missing)
                 self.requests += len(missing)
-            if self._cached is not None:
-                self._cached.put_many([(ranges[i][0], out[i]) for i in missing])  # type: ignore[misc]
+            store = self._cached if self._cached is not None else self._kept
+            store.put_many([(ranges[i][0], out[i]) for i in missing])  # type: ignore[union-attr, misc]
         return out  # type: ignore[return-value]
+
+    def _holds_any(self, start: int, end: int) -> bool:
+        """Is any byte of ``[start, end)`` held locally?"""
+        return any(
+            store is not None and store.overlaps(start, end) for store in (self._cached, self._kept)
+        )
+
+    def _holder(self, offset: int, length: int) -> CachedObject | KeptRanges | None:
+        """Where ``[offset, offset + length)`` is already held locally, if anywhere."""
+        for store in (self._cached, self._kept):
+            if store is not None and store.covers(offset, length):
+                return store
+        return None
 
     # -- read-ahead -------------------------------------------------------------------------
 
@@ -255,10 +325,12 @@ class RemoteFile:
         Ranges that follow each other in the file (apart from gaps of at most ``GAP`` bytes,
         such as the zip headers between two records) are fetched together in requests of up
         to ``PART`` bytes: a few large GETs instead of one per tensor. Each request ends where
-        a range ends, so reading in order consumes it to its end and releases it.
+        a range ends, so reading in order consumes it to its end and releases it. Ranges held
+        locally already (range cache, or kept from :meth:`read_ranges`) are not fetched.
         """
-        with self._lock:
-            for start, end in coalesce(ranges, self.GAP, self.PART):
+        todo = [(off, n) for off, n in ranges if self._holder(off, n) is None]
+        with self._lock:  # no request bridges a gap holding bytes held here: none twice
+            for start, end in coalesce(todo, self.GAP, self.PART, self._holds_any):
                 self._planned.append((start, end - start))
         self._fill()
 
@@ -381,6 +453,10 @@ class CachedObject:
     def covers(self, offset: int, length: int) -> bool:
         with self._lock:
             return any(a <= offset and offset + length <= b for a, b in self._ranges)
+
+    def overlaps(self, start: int, end: int) -> bool:
+        with self._lock:
+            return any(a < end and start < b for a, b in self._ranges)
 
     def read(self, offset: int, length: int) -> bytes:
         data = os.pread(self._fd, length, offset)

@@ -36,7 +36,7 @@ from ckptcore.formats.inflate import (
 )
 from ckptcore.formats.safe_pickle import StorageRef, TensorRef, load_pickle
 from ckptcore.formats.zipwriter import Sink, TorchZipWriter, archive_size, file_sink
-from ckptcore.storage import ByteSource, Span
+from ckptcore.storage import ByteSource, Span, coalesce
 
 _EOCD = b"PK\x05\x06"
 _EOCD64_LOCATOR = b"PK\x06\x07"
@@ -63,7 +63,8 @@ class ZipRecord:
 
 
 def read_zip_directory(src: ByteSource) -> dict[str, ZipRecord]:
-    """The central directory of a zip file, read with two ranged reads from its tail."""
+    """The central directory of a zip file, read from its tail (one ranged read when the
+    directory fits in the last 64 KiB, two otherwise)."""
     if src.size < 22:
         raise CkptError(
             src.name, f"not a torch checkpoint: {src.size} bytes is too small (truncated?)"
@@ -93,7 +94,11 @@ def read_zip_directory(src: ByteSource) -> dict[str, ZipRecord]:
         count, cd_size, cd_offset = struct.unpack("<QQQ", rec[32:56])
     if cd_offset + cd_size > src.size:
         raise CkptError(src.name, "truncated zip archive: central directory beyond end of file")
-    cd = bytes(src.read(cd_offset, cd_size))
+    tail_start = src.size - tail_len
+    if cd_offset >= tail_start:  # the directory came with the tail (files < ~64 KiB of names)
+        cd = tail[cd_offset - tail_start : cd_offset - tail_start + cd_size]
+    else:
+        cd = bytes(src.read(cd_offset, cd_size))
     records: dict[str, ZipRecord] = {}
     p = 0
     for _ in range(count):
@@ -160,10 +165,14 @@ class TorchFile:
                 "read in place (slower)"
             )
 
+    HEADER_GAP = 16 << 10  # local headers this close are read in one request
+
     def locate(self, refs: list[TensorRef]) -> None:
         """Find where the records of ``refs`` start, reading their local headers all at once
         where the source is object storage (concurrent ranged GETs instead of a round trip per
-        tensor when the plan asks for each span)."""
+        tensor when the plan asks for each span). Headers at most ``HEADER_GAP`` bytes apart
+        (the small records between them: biases, norms) share one request, which costs those
+        small records' bytes once more and saves most requests (~300 -> ~100 per ViT-L rank)."""
         batch = getattr(self.src, "read_ranges", None)
         if batch is None or not Span(self.src, 0, 0).remote:
             return
@@ -174,10 +183,16 @@ class TorchFile:
                 recs[rec.name] = rec
         if not recs:
             return
-        todo = list(recs.values())
-        heads = batch([(r.header_offset, 30) for r in todo])
-        for rec, header in zip(todo, heads, strict=True):
-            self._data_offsets[rec.name] = self._parse_local_header(rec, bytes(header))
+        todo = sorted(recs.values(), key=lambda r: r.header_offset)
+        groups = coalesce([(r.header_offset, 30) for r in todo], self.HEADER_GAP, 4 << 20)
+        blobs = batch([(start, end - start) for start, end in groups])
+        g = 0
+        for rec in todo:
+            while groups[g][1] < rec.header_offset + 30:
+                g += 1
+            at = rec.header_offset - groups[g][0]
+            header = bytes(memoryview(blobs[g])[at : at + 30])
+            self._data_offsets[rec.name] = self._parse_local_header(rec, header)
 
     def _data_offset(self, rec: ZipRecord) -> int:
         off = self._data_offsets.get(rec.name)
