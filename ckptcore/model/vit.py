@@ -204,6 +204,13 @@ def check_images(images: Tensor, dims: VitDims) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def _init_normal(t: torch.Tensor, std: float) -> None:
+    """``nn.init.normal_``, skipped for a model built on the meta device to receive loaded
+    weights: there it would only import torch's compiler stack (~1 s, once per process)."""
+    if not t.is_meta:
+        nn.init.normal_(t, std=std)
+
+
 class MegatronLinear(nn.Linear):
     """``nn.Linear`` that saves ``<prefix>_extra_state: None`` like megatron-core's Column/Row
     ParallelLinear, and, like them, loads state dicts with or without that entry (any value is
@@ -340,11 +347,12 @@ class VitBackbone(nn.Module):
             flat = dims.patch * dims.patch * dims.channels
             self.linear_encoder = nn.Linear(flat, h, dtype=dtype)
         if opts.position_embedding_type == "learned_absolute":
-            self.position_embeddings = nn.Embedding(dims.seq_len, h, dtype=dtype)
-            nn.init.normal_(self.position_embeddings.weight, std=0.02)
+            weight = torch.empty(dims.seq_len, h, dtype=dtype)  # no reset_parameters(): below
+            self.position_embeddings = nn.Embedding(dims.seq_len, h, _weight=weight)
+            _init_normal(self.position_embeddings.weight, std=0.02)
         else:
             self.position_embeddings = nn.Parameter(torch.empty(dims.seq_len, h, dtype=dtype))
-            nn.init.normal_(self.position_embeddings, std=0.02)
+            _init_normal(self.position_embeddings, std=0.02)
         if opts.preprocess_layernorm:
             self.preprocess_layernorm = nn.LayerNorm(h, eps=opts.layernorm_epsilon, dtype=dtype)
         self.transformer = Transformer(dims, opts, dtype)
