@@ -72,7 +72,8 @@ class FollowingUpload:
         self._state = "open"  # open -> committed | aborted
         self.sent_bytes = 0
         self.started = time.perf_counter()
-        self.upload_seconds: float | None = None
+        self.upload_seconds: float | None = None  # start -> the last part stored
+        self._last_stored = self.started
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": self.key}
         if metadata:
             kwargs["Metadata"] = metadata
@@ -153,6 +154,7 @@ class FollowingUpload:
         with self._cond:
             self._parts[number] = reply["ETag"]
             self.sent_bytes += length
+            self._last_stored = max(self._last_stored, time.perf_counter())
 
     # -- the caller's side -----------------------------------------------------------------
 
@@ -169,8 +171,7 @@ class FollowingUpload:
             raise storage_error(self.url, "upload failed", self._error) from self._error
         if self._size is None or self._state != "open":
             raise CkptError(self.url, f"upload is {self._state}, not finished writing")
-        if self.upload_seconds is None:
-            self.upload_seconds = time.perf_counter() - self.started
+        self.upload_seconds = self._last_stored - self.started
 
     def commit(self) -> None:
         """Complete the upload: the object appears at ``url`` with every part."""

@@ -11,7 +11,7 @@
 | ``CKPT_RETRIES`` | ``3`` | retries of storage tasks (transient errors only) |
 | ``CKPT_RETRY_BACKOFF`` | ``2`` | first retry delay in seconds, doubled each time (``0`` in tests) |
 | ``CKPT_UPLOAD_CHUNK_BYTES`` | ``67108864`` | multipart part size for S3 uploads (S3 needs >= 5 MiB) |
-| ``CKPT_VERIFY_IMAGES`` | ``2`` | images the verify step runs through source and output (each costs one forward pass of each model) |
+| ``CKPT_VERIFY_IMAGES`` | ``1`` | images the verify step runs through source and output (each costs one forward pass of each model; one image already uses every weight, so a wrong one shows) |
 | ``CKPT_UPLOAD`` | ``stream`` | how ``convert`` (repartitioning in-process) uploads to ``s3://``: ``stream`` writes the ``.nemo`` once, locally, while a multipart upload follows the file, completed only once verify passed (aborted otherwise); the object's metadata then lacks the output's sha256 and the verify result (the sidecar has them). ``after``: package, verify, then upload with the full metadata |
 | ``CKPT_UPLOAD_CONCURRENCY`` | ``4`` | parts of one S3 upload sent at the same time (each holds a part in memory) |
 | ``CKPT_RUNNER`` | unset (one process) | map the repartition step over the plan's work items (one task per target rank file) on a task runner: ``threads[:N]``, ``dask`` (a ``LocalCluster``), ``dask://host:8786`` (an existing scheduler; also ``tcp://``/``tls://``), ``ray``, ``ray://host:10001``; ``inline`` forces the one-process path. The ``runner`` flow parameter wins over it |
@@ -116,7 +116,7 @@ def upload_chunk_bytes() -> int:
 
 
 def verify_images() -> int:
-    value = int(_float("CKPT_VERIFY_IMAGES", 2))
+    value = int(_float("CKPT_VERIFY_IMAGES", 1))
     if value < 1:
         raise CkptError(None, f"CKPT_VERIFY_IMAGES={value}: must be at least 1")
     return value
