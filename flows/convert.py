@@ -42,6 +42,7 @@ from prefect.logging import get_run_logger
 from ckptcore.api import plan_conversion
 from ckptcore.errors import CkptError
 from ckptcore.formats.nemo import CONFIG_NAME, dump_config
+from ckptcore.lineage import LineageRecord
 from ckptcore.sources import open_checkpoint
 from ckptcore.storage import is_local, join, local_path
 from ckptcore.workplan import work_items
@@ -280,11 +281,36 @@ def convert_pipeline(
         )
     record = start_lineage(listing, fetched, partition, destination, remote)
     packaged = package(partition, record, work, destination.rsplit("/", 1)[-1])
-    verified = verify_output(fetched, packaged, tolerance) if verify else None
-    upload = upload_task(destination, listing.root)
-    uploaded = upload(packaged.path, finish_lineage(record, packaged, verified))
+    files = _work_files(listing, work, partition, location, packaged)
+    return _verify_and_publish(listing, fetched, packaged, record, verify, tolerance, work, files)
+
+
+def _verify_and_publish(
+    listing: SourceListing,
+    fetched: FetchedCheckpoint,
+    packaged: Packaged,
+    record: LineageRecord,
+    verify: bool,
+    tolerance: float,
+    work: str,
+    work_files: list[str],
+    pending: str | None = None,
+    streamed: bool = False,
+) -> dict[str, str]:
+    """The end of every path: verify -> upload (+ sidecar, asset) -> report-lineage ->
+    clean-work. ``streamed``: ``packaged`` came from write-nemo, whose upload ``pending`` names;
+    it is completed by upload, or aborted when anything here fails first."""
+    try:
+        verified = verify_output(fetched, packaged, tolerance) if verify else None
+        final = finish_lineage(record, packaged, verified, streamed=streamed)
+        upload = upload_task(record.destination, listing.root, streamed=streamed)
+        uploaded = (
+            upload(pending, packaged.path, final) if streamed else upload(packaged.path, final)
+        )
+    finally:
+        discard_pending(pending)  # still pending: something failed, nothing may appear
     report_lineage(uploaded.record)
-    clean_work(work, _work_files(listing, work, partition, location, packaged))
+    clean_work(work, work_files)
     return uploaded.record.summary()
 
 
@@ -301,20 +327,13 @@ def _convert_streamed(
 ) -> dict[str, str]:
     """``convert_pipeline`` with the upload following the write (see the module doc)."""
     written = write_nemo(listing, fetched, target_tp, target_pp, precision, destination, work)
-    packaged = written.packaged
-    try:
-        verified = verify_output(fetched, packaged, tolerance) if verify else None
-        upload = upload_task(destination, listing.root, streamed=True)
-        record = finish_lineage(written.record, packaged, verified, streamed=True)
-        uploaded = upload(written.upload, packaged.path, record)
-    finally:
-        discard_pending(written.upload)  # still pending: something failed, nothing may appear
-    report_lineage(uploaded.record)
-    files = [os.path.dirname(packaged.path)]
+    files = [os.path.dirname(written.packaged.path)]
     if not listing.local:
         files += [fetch_location(listing, work), cache_location(listing, work)]
-    clean_work(work, files)
-    return uploaded.record.summary()
+    return _verify_and_publish(
+        listing, fetched, written.packaged, written.record, verify, tolerance, work, files,
+        pending=written.upload, streamed=True,
+    )  # fmt: skip
 
 
 def _convert_mapped(
@@ -336,15 +355,14 @@ def _convert_mapped(
     record = start_lineage(listing, fetched, partition, destination)
     record = replace(record, notes=[*record.notes, mapped.note()])
     packaged = package_staged(partition, record, work, destination.rsplit("/", 1)[-1])
-    verified = verify_output(fetched, packaged, tolerance) if verify else None
-    upload = upload_task(destination, listing.root)
-    uploaded = upload(packaged.path, finish_lineage(record, packaged, verified))
-    report_lineage(uploaded.record)
-    clean_work(work, [os.path.dirname(packaged.path), partition.url, *_cache(fetched)])
+    files = [os.path.dirname(packaged.path), partition.url, *_cache(fetched)]
+    summary = _verify_and_publish(
+        listing, fetched, packaged, record, verify, tolerance, work, files
+    )
     staging = partition.url.rsplit("/", 1)[0]
     if is_local(staging) and not _under(local_path(partition.url), work):
         clean_work(staging, [partition.url])  # a shared staging folder outside the work folder
-    return uploaded.record.summary()
+    return summary
 
 
 def _cache(fetched: FetchedCheckpoint) -> list[str]:
