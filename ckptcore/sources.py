@@ -12,6 +12,7 @@ import collections
 import os
 import tempfile
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -203,6 +204,25 @@ def _torch_rank(src: ByteSource, tp_rank: int, pp_rank: int) -> tuple[SourceRank
     return SourceRank(tp_rank, pp_rank, src.name, sd, meta, tf.tensor, tf.span, tf.notes), tf.obj
 
 
+def _open_ranks(
+    files: list[tuple[tuple[int, int], str]], cache: RangeCache | None
+) -> list[tuple[SourceRank, Any]]:
+    """Open each rank file (zip directory, pickle, local headers). Objects in remote storage
+    are opened concurrently: each takes a few round trips, which then overlap; the first
+    failure in rank order is raised."""
+
+    def one(item: tuple[tuple[int, int], str]) -> tuple[SourceRank, Any]:
+        rank, url = item
+        return _torch_rank(open_guarded(url, cache), *rank)
+
+    if len(files) == 1 or all(is_local(url) for _, url in files):
+        return [one(item) for item in files]
+    with ThreadPoolExecutor(min(8, len(files)), thread_name_prefix="ckpt-open") as pool:
+        futures = [pool.submit(one, item) for item in files]
+        wait(futures)
+    return [f.result() for f in futures]
+
+
 def _check_metadata(meta: Any, path: str) -> dict | None:
     """``state_dict._metadata`` as torch writes it: {module prefix: {"version": 1, ...}}."""
     if meta is None:
@@ -287,9 +307,9 @@ def _open_ptl(folder: str, checkpoint: str, cache: RangeCache | None = None) -> 
     steps: dict[str, Any] = {}
     config: dict | None = None
     epoch = None
-    for rank, url in sorted(found.files.items()):
-        src = open_guarded(url, cache)
-        sr, obj = _torch_rank(src, *rank)
+    for (rank, url), (sr, obj) in zip(
+        sorted(found.files.items()), _open_ranks(sorted(found.files.items()), cache), strict=True
+    ):
         if not isinstance(obj, dict) or "state_dict" not in obj:
             raise CkptError(url, "not a Lightning checkpoint (no state_dict)")
         hp = obj.get("hyper_parameters")
