@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from prefect import runtime
 
@@ -13,9 +13,10 @@ from tasks.convert import Packaged, Partition, Verified
 from tasks.source import FetchedCheckpoint, SourceListing
 
 
-class LayoutFacts(Protocol):
-    """What a repartitioning knows about its source and target: a :class:`Partition`, or the
-    plan of a streamed write (``tasks.stream``)."""
+@dataclass(frozen=True)
+class PlannedLayout:
+    """What the plan of a streamed write says (``tasks.stream``): the lineage's layout facts
+    where there is no :class:`Partition`."""
 
     step: int | None
     epoch: int | None
@@ -67,7 +68,7 @@ def run_info() -> lineage.RunInfo:
 def start_lineage(
     listing: SourceListing,
     fetched: FetchedCheckpoint,
-    partition: LayoutFacts,
+    partition: Partition | PlannedLayout,
     destination: str,
     remote: RemoteRun | None = None,
 ) -> lineage.LineageRecord:

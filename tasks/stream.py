@@ -35,7 +35,7 @@ from ckptcore.multipart import FollowingUpload, is_s3, part_size_for
 from ckptcore.sources import open_checkpoint
 from tasks import settings
 from tasks.convert import Packaged
-from tasks.lineage import start_lineage
+from tasks.lineage import PlannedLayout, start_lineage
 from tasks.progress import Progress
 from tasks.source import FetchedCheckpoint, SourceListing, check_unchanged
 
@@ -61,21 +61,6 @@ def discard_pending(key: str | None) -> None:
     pending = take_pending(key)
     if pending is not None:
         pending.abort()
-
-
-@dataclass(frozen=True)
-class PlannedLayout:
-    """What the plan of a streamed write says (the lineage's layout facts)."""
-
-    step: int | None
-    epoch: int | None
-    source_tp: int
-    source_pp: int
-    target_tp: int
-    target_pp: int
-    precision: str
-    plan_digest: str
-    notes: tuple[str, ...]
 
 
 @dataclass(frozen=True)
