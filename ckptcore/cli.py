@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -298,6 +299,14 @@ def _add_write(p: argparse.ArgumentParser) -> None:
         help="target rank files written in parallel (default 1)",
     )
     p.add_argument(
+        "--read-concurrency",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="ranged GETs in flight per source object in object storage (default 4, or "
+        "CKPT_READ_CONCURRENCY)",
+    )
+    p.add_argument(
         "--allow-nonfinite", action="store_true", help="accept NaN/Inf weights (default: refuse)"
     )
     p.add_argument(
@@ -469,6 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "read_concurrency", None):
+        os.environ["CKPT_READ_CONCURRENCY"] = str(args.read_concurrency)
     try:
         return int(args.func(args) or 0)
     except CkptError as exc:

@@ -170,6 +170,17 @@ def coalesce(
     return out
 
 
+def read_concurrency(default: int = 4) -> int:
+    """Ranged GETs in flight per remote object while reading ahead: ``CKPT_READ_CONCURRENCY``
+    (the CLI's ``--read-concurrency`` sets it), else ``default``."""
+    raw = os.environ.get("CKPT_READ_CONCURRENCY", "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit() or not 1 <= int(raw) <= 64:
+        raise CkptError(None, f"CKPT_READ_CONCURRENCY={raw!r}: expected a whole number 1..64")
+    return int(raw)
+
+
 class KeptRanges:
     """Ranges fetched by :meth:`RemoteFile.read_ranges` (a zip's local headers, with the small
     records between them), kept in memory when there is no range cache: later reads of them
@@ -222,7 +233,7 @@ class RemoteFile:
     """
 
     PREFETCH_BYTES = 256 << 20  # in flight or waiting to be consumed
-    PREFETCH_REQUESTS = 4  # parallel ranged GETs
+    PREFETCH_REQUESTS = 4  # parallel ranged GETs per object (``CKPT_READ_CONCURRENCY``)
     PART = 64 << 20  # larger ranges are fetched in parts of this size
     GAP = 64 << 10  # announced ranges this close are fetched in one request
 
@@ -344,7 +355,7 @@ class RemoteFile:
                     continue
                 if self._pool is None:
                     self._pool = ThreadPoolExecutor(
-                        self.PREFETCH_REQUESTS, thread_name_prefix="ckpt-get"
+                        read_concurrency(self.PREFETCH_REQUESTS), thread_name_prefix="ckpt-get"
                     )
                 self._ahead[rng] = self._pool.submit(self.read, *rng)
                 self._ahead_bytes += rng[1]

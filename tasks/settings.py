@@ -13,6 +13,7 @@
 | ``CKPT_UPLOAD_CHUNK_BYTES`` | ``67108864`` | multipart part size for S3 uploads (S3 needs >= 5 MiB) |
 | ``CKPT_VERIFY_IMAGES`` | ``1`` | images the verify step runs through source and output (each costs one forward pass of each model; one image already uses every weight, so a wrong one shows) |
 | ``CKPT_UPLOAD`` | ``stream`` | how ``convert`` (repartitioning in-process) uploads to ``s3://``: ``stream`` writes the ``.nemo`` once, locally, while a multipart upload follows the file, completed only once verify passed (aborted otherwise); the object's metadata then lacks the output's sha256 and the verify result (the sidecar has them). ``after``: package, verify, then upload with the full metadata |
+| ``CKPT_READ_CONCURRENCY`` | ``4`` | ranged GETs in flight per source object while reading a remote source in place (read by ckptcore; each holds up to 64 MiB, within a 256 MiB read-ahead per object) |
 | ``CKPT_UPLOAD_CONCURRENCY`` | ``4`` | parts of one S3 upload sent at the same time (each holds a part in memory) |
 | ``CKPT_RUNNER`` | unset (one process) | map the repartition step over the plan's work items (one task per target rank file) on a task runner: ``threads[:N]``, ``dask`` (a ``LocalCluster``), ``dask://host:8786`` (an existing scheduler; also ``tcp://``/``tls://``), ``ray``, ``ray://host:10001``; ``inline`` forces the one-process path. The ``runner`` flow parameter wins over it |
 | ``CKPT_RUNNER_WORKERS`` | unset: CPU count (threads), Dask's default (``LocalCluster``) | threads of ``threads``, worker processes of a ``dask`` ``LocalCluster`` |

@@ -264,3 +264,25 @@ def test_announced_ranges_are_fetched_in_few_large_requests() -> None:
         (5 + 4 * mb, 5 + 8 * mb),
         (5 + 8 * mb, 5 + 10 * mb),
     ]
+
+
+def test_read_concurrency_is_configurable(s3_url, monkeypatch) -> None:
+    """``CKPT_READ_CONCURRENCY`` sets the ranged GETs in flight per object; bad values are one
+    line naming the setting."""
+    from ckptcore.errors import CkptError
+
+    fs = s3_url
+    fs.pipe("ckpts/conc.bin", bytes(range(256)) * 4096)
+    monkeypatch.setenv("CKPT_READ_CONCURRENCY", "2")
+    f = RemoteFile("s3://ckpts/conc.bin")
+    f.plan_reads([(i * 100_000, 50_000) for i in range(8)])
+    assert f._pool is not None and f._pool._max_workers == 2
+    buf = bytearray(50_000)
+    f.readinto(300_000, memoryview(buf))
+    assert bytes(buf) == (bytes(range(256)) * 4096)[300_000:350_000]
+    f.close()
+    monkeypatch.setenv("CKPT_READ_CONCURRENCY", "lots")
+    g = RemoteFile("s3://ckpts/conc.bin")
+    with pytest.raises(CkptError, match="CKPT_READ_CONCURRENCY='lots'"):
+        g.plan_reads([(0, 10), (1_000_000, 10)])
+    g.close()
