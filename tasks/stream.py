@@ -37,6 +37,7 @@ from tasks import settings
 from tasks.convert import Packaged
 from tasks.lineage import PlannedLayout, start_lineage
 from tasks.progress import Progress
+from tasks.retry import storage_retries
 from tasks.source import FetchedCheckpoint, SourceListing, check_unchanged
 
 _PENDING: dict[str, FollowingUpload] = {}
@@ -74,7 +75,7 @@ class Written:
     tensor_bytes: int
 
 
-@task(name="write-nemo", cache_policy=NO_CACHE)
+@task(name="write-nemo", cache_policy=NO_CACHE, **storage_retries())
 def write_nemo(
     listing: SourceListing,
     fetched: FetchedCheckpoint,

@@ -237,3 +237,37 @@ def test_a_local_upload_that_fails_midway_leaves_no_file(tmp_path):
     assert os.listdir(dest.parent) == []
     put_atomically(str(src), str(dest))
     assert sha256_file(str(dest)) == sha256_file(str(src))
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_a_source_read_failing_mid_write_retries_write_nemo_and_aborts_its_upload(
+    s3, proxy, work_dir, prefix, sample_factory, monkeypatch
+):
+    """One ranged GET of the source answers 500 while the archive is being written (the 29th of
+    ~39 GETs of that rank file; the multipart upload starts after ~23) (no botocore
+    retry here): write-nemo fails, aborts the multipart upload it had started, and Prefect's
+    retry writes the archive again; nothing is left pending and the result is whole."""
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    clear_s3_cache()
+    src = f"s3://ckpt-training/{prefix}/checkpoints"
+    dest = f"s3://ckpt-models/{prefix}/vit.nemo"
+    sample = sample_factory(s3, src, tp=2, size="small")
+    started = len(proxy.seen)
+    rule = proxy.fail("GET", f"/ckpt-training/{prefix}/checkpoints/mp_rank_01/", count=1, skip=28)
+
+    state = convert_vit(source=src, destination=dest, target_tp=1, return_state=True)
+
+    assert state.is_completed(), state
+    assert rule.hits == 1
+    runs = asyncio.run(_task_runs(str(state.state_details.flow_run_id)))
+    assert runs["write-nemo"] == [("Completed", 2)]
+    seen = proxy.seen[started:]
+    uploads = [p for m, p in seen if m == "POST" and p.endswith("vit.nemo?uploads")]
+    assert len(uploads) == 2  # the failed attempt had started its upload
+    assert any(m == "DELETE" and "vit.nemo?uploadId=" in p for m, p in seen)  # and aborted it
+    pending = s3.call_s3("list_multipart_uploads", Bucket="ckpt-models", Prefix=prefix)
+    assert pending.get("Uploads", []) == []
+    _, sd = load_state_dict(dest)
+    for key, value in sample.state_dict.items():
+        if value is not None:
+            assert torch.equal(sd[key], value), key
