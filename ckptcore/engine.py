@@ -166,23 +166,34 @@ def _read_span(span: Span, scratch: Scratch | None, slot: str) -> memoryview:
     return buf
 
 
+def _piece_spans(
+    ck: Checkpoint, tt: TargetTensor
+) -> list[tuple[Span, tuple[int, ...], Piece]] | None:
+    """Each piece of ``tt`` as (where its stored bytes are, its shape, the piece); None where a
+    piece has no stored bytes of the target's dtype (missing, cast, or a view)."""
+    assert tt.spec is not None
+    out = []
+    for pc in tt.pieces:
+        sr = ck.ranks[(pc.tp_rank, pc.pp_rank)]
+        value = sr.state[pc.key]
+        if value is None or value.dtype != tt.spec.dtype:
+            return None
+        span = sr.span(pc.key)
+        if span is None:
+            return None
+        out.append((span, tuple(value.shape), pc))
+    return out
+
+
 def tensor_chunks(
     ck: Checkpoint, tt: TargetTensor, scratch: Scratch | None = None
 ) -> list[Chunk] | None:
     """The target tensor's bytes as source spans (or one gathered buffer), without building a
     tensor; None where that is not possible (casts, views, sources without stored bytes)."""
-    spec = tt.spec
-    assert spec is not None
-    spans = []
-    for pc in tt.pieces:
-        sr = ck.ranks[(pc.tp_rank, pc.pp_rank)]
-        value = sr.state[pc.key]
-        if value is None or value.dtype != spec.dtype:
-            return None
-        span = sr.span(pc.key)
-        if span is None:
-            return None
-        spans.append((span, tuple(value.shape)))
+    assert tt.spec is not None
+    spans = _piece_spans(ck, tt)
+    if spans is None:
+        return None
     first_bytes = None
     for rp in tt.replicas:
         other = ck.ranks[(rp.tp_rank, rp.pp_rank)].span(rp.key)
@@ -204,7 +215,7 @@ def tensor_chunks(
         return [spans[0][0]]
     itemsize = BY_NAME[tt.dtype].itemsize
     geometry = []
-    for (span, shape), pc in zip(spans, tt.pieces, strict=True):
+    for span, shape, pc in spans:
         geometry.append((span, *_piece_geometry(shape, d, pc, itemsize)))
     if all(outer == 1 for _, outer, _, _, _ in geometry):  # dim-0 pieces: contiguous byte ranges
         return [_subspan(span, lo, n) for span, _, _, lo, n in geometry]
@@ -226,14 +237,9 @@ def planned_reads(ck: Checkpoint, tt: TargetTensor) -> list[Span]:
     if tt.spec is None:
         return []
     spans: list[Span] = []
-    pieces = []
-    for pc in tt.pieces:
-        sr = ck.ranks[(pc.tp_rank, pc.pp_rank)]
-        value = sr.state[pc.key]
-        span = sr.span(pc.key) if value is not None and value.dtype == tt.spec.dtype else None
-        if span is None:
-            return []
-        pieces.append((span, tuple(value.shape), pc))
+    pieces = _piece_spans(ck, tt)
+    if pieces is None:
+        return []
     compared = False
     for rp in tt.replicas:
         other = ck.ranks[(rp.tp_rank, rp.pp_rank)].span(rp.key)
@@ -403,19 +409,11 @@ def _local_pieces(
 ) -> tuple[list[tuple[Span, tuple[int, ...], Piece]], list[tuple[Piece, Span]]] | None:
     """The stored bytes of ``tt`` 's pieces and replicas when all are in local files, else None
     (same checks, in the same order, as :func:`tensor_chunks`)."""
-    spec = tt.spec
-    if spec is None or spec.nbytes == 0:
+    if tt.spec is None or tt.spec.nbytes == 0:
         return None
-    pieces = []
-    for pc in tt.pieces:
-        sr = ck.ranks[(pc.tp_rank, pc.pp_rank)]
-        value = sr.state[pc.key]
-        if value is None or value.dtype != spec.dtype:
-            return None
-        span = sr.span(pc.key)
-        if span is None or span.local() is None:
-            return None
-        pieces.append((span, tuple(value.shape), pc))
+    pieces = _piece_spans(ck, tt)
+    if pieces is None or any(span.local() is None for span, _, _ in pieces):
+        return None
     replicas = []
     for rp in tt.replicas:
         other = ck.ranks[(rp.tp_rank, rp.pp_rank)].span(rp.key)

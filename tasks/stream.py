@@ -72,7 +72,6 @@ class Written:
     packaged: Packaged
     record: lineage.LineageRecord
     upload: str | None
-    tensor_bytes: int
 
 
 @task(name="write-nemo", cache_policy=NO_CACHE, **storage_retries())
@@ -141,4 +140,4 @@ def write_nemo(
             _PENDING[key] = upload
     seconds = time.perf_counter() - start
     packaged = Packaged(out_path, size, sha256, seconds)
-    return Written(packaged, record.with_timing("write", seconds), key, tensor_bytes)
+    return Written(packaged, record.with_timing("write", seconds), key)
