@@ -390,12 +390,18 @@ def inspect(path: str, checkpoint: str = "last") -> dict[str, Any]:
 
 @dataclass
 class VerifyReport:
+    """``method``: ``"logits"`` (both models ran on the images and their logits were compared)
+    or ``"same-weights"`` (every tensor of ``a`` equals ``b``'s bit for bit and both configs
+    build the same network, so their logits are equal by construction: ``b`` ran on the images,
+    ``max_abs_diff`` is 0)."""
+
     a: str
     b: str
     max_abs_diff: float
     tolerance: float
     images: int
     passed: bool
+    method: str = "logits"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -410,6 +416,50 @@ def sample_images(config: dict, count: int = 4, seed: int = 0) -> Any:
     return torch.randn(count, c, int(config["img_h"]), int(config["img_w"]), generator=g)
 
 
+def _bits(t: Any) -> Any:
+    """A tensor's bytes as a flat uint8 view (compares NaNs and signed zeros exactly)."""
+    import torch
+
+    return t.detach().reshape(-1).view(torch.uint8)
+
+
+def same_weights(a: str, model: Any, cache: RangeCache | str | None = None) -> bool:
+    """Whether the checkpoint ``a``, merged to TP=1/PP=1, holds exactly ``model``'s tensors
+    (same names, dtypes, shapes and bits) and its config builds the same network.
+
+    One tensor of ``a`` in memory at a time. False on any difference, including a config the
+    reference model does not accept (the caller's full comparison then reports it)."""
+    import torch
+
+    from ckptcore.engine import iter_file
+    from ckptcore.model.config import vit_dims, vit_options
+
+    ck = open_checkpoint(a, "last", cache)
+    try:
+        plan = build_plan(ck, 1, 1)
+        try:
+            if (vit_dims(plan.config), vit_options(plan.config)) != (model.dims, model.opts):
+                return False
+        except CkptError:
+            return False
+        ours = {k: v for k, v in model.state_dict(keep_vars=True).items() if v is not None}
+        seen = 0
+        for key, value in iter_file(ck, plan.files[0]):
+            if value is None:
+                if key in ours:
+                    return False
+                continue
+            t = ours.get(key)
+            if t is None or t.dtype != value.dtype or t.shape != value.shape:
+                return False
+            if not torch.equal(_bits(t), _bits(value)):
+                return False
+            seen += 1
+        return seen == len(ours)
+    finally:
+        ck.close()
+
+
 def verify(
     a: str,
     b: str,
@@ -417,25 +467,38 @@ def verify(
     images: int = 4,
     device: str | None = None,
     cache: RangeCache | str | None = None,
+    run_both: bool = False,
 ) -> VerifyReport:
     """Run both checkpoints on the same deterministic images; compare logits.
+
+    ``b`` is restored in the reference model and run on the images. Where ``a`` holds the very
+    same tensors, bit for bit, for the same network (a repartition or any lossless conversion),
+    running ``a`` too could only give the same numbers, so it is compared tensor by tensor
+    instead (``method="same-weights"``); otherwise ``a`` is restored and run as well
+    (``method="logits"``, e.g. after a precision change; always with ``run_both``). One model
+    in memory at a time.
 
     ``cache``: a range cache that already holds what a conversion read of a remote ``a`` (or
     ``b``), so verifying does not fetch those bytes again."""
     import torch
 
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    ma = restore_model(a, cache=cache).to(dev)
-    dims, x = ma.dims, sample_images(ma.cfg, images).to(dev)
-    with torch.inference_mode():
-        la = ma(x).float()
-    del ma  # one model in memory at a time
-    mb = restore_model(b, cache=cache).to(dev)
-    if mb.dims != dims:
-        raise CkptError(b, f"model shape differs from {a}: {mb.dims} vs {dims}")
+    mb = restore_model(b, cache=cache)
+    identical = not run_both and same_weights(a, mb, cache)
+    dims, x = mb.dims, sample_images(mb.cfg, images).to(dev)
+    mb = mb.to(dev)
     with torch.inference_mode():
         lb = mb(x).float()
     del mb
+    if identical:
+        ok = bool(torch.isfinite(lb).all())
+        return VerifyReport(a, b, 0.0, tolerance, images, ok, "same-weights")
+    ma = restore_model(a, cache=cache).to(dev)
+    if ma.dims != dims:
+        raise CkptError(b, f"model shape differs from {a}: {dims} vs {ma.dims}")
+    with torch.inference_mode():
+        la = ma(x).float()
+    del ma
     diff = float((la - lb).abs().max())
     ok = diff <= tolerance and bool(torch.isfinite(la).all()) and bool(torch.isfinite(lb).all())
     return VerifyReport(a, b, diff, tolerance, images, ok)

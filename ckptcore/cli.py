@@ -179,13 +179,17 @@ def cmd_reshard(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from ckptcore.api import verify
 
-    report = verify(args.a, args.b, tolerance=args.tolerance, images=args.images)
+    report = verify(
+        args.a, args.b, tolerance=args.tolerance, images=args.images, run_both=args.run_both
+    )
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
         verdict = "OK" if report.passed else "MISMATCH"
+        how = "tensors bit-identical" if report.method == "same-weights" else "both models run"
         print(
-            f"{verdict}: max |logit difference| = {report.max_abs_diff:.3g} (tolerance {report.tolerance:g}, {report.images} images)"
+            f"{verdict}: max |logit difference| = {report.max_abs_diff:.3g} "
+            f"(tolerance {report.tolerance:g}, {report.images} images; {how})"
         )
     return 0 if report.passed else 1
 
@@ -397,7 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(
         "verify",
         cmd_verify,
-        "Run two checkpoints on the same deterministic images; exit 1 if logits differ beyond the tolerance.",
+        "Run two checkpoints on the same deterministic images; exit 1 if logits differ beyond the "
+        "tolerance. Where the second holds the first's tensors bit for bit (a repartition), only "
+        "it is run: the first could only give the same logits (--run-both runs it anyway).",
         "ckpt verify a.nemo b.nemo --tolerance 1e-5",
     )
     p.add_argument("a")
@@ -406,6 +412,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--tolerance", type=float, default=1e-5, help="max |logit difference| (default 1e-5)"
     )
     p.add_argument("--images", type=_positive, default=4, help="number of images (default 4)")
+    p.add_argument(
+        "--run-both",
+        action="store_true",
+        help="run both models even where their tensors are bit-identical",
+    )
 
     p = add(
         "plan",

@@ -96,6 +96,12 @@ class OutputInfo:
     sha256: str
 
 
+_METHODS = {
+    "logits": "both models run",
+    "same-weights": "tensors bit-identical, output model run",
+}
+
+
 @dataclass(frozen=True)
 class VerifyInfo:
     """Source and output models on the same deterministic images."""
@@ -105,6 +111,7 @@ class VerifyInfo:
     images: int
     passed: bool
     device: str
+    method: str = "logits"  # or "same-weights": see ckptcore.api.VerifyReport
 
 
 @dataclass(frozen=True)
@@ -242,7 +249,7 @@ class LineageRecord:
             (
                 "verify",
                 f"{'passed' if ver.passed else 'FAILED'}: max logit difference {ver.max_abs_diff:.3g} "
-                f"<= {ver.tolerance:g} on {ver.images} images ({ver.device})"
+                f"<= {ver.tolerance:g} on {ver.images} images ({ver.device}; {_METHODS.get(ver.method, ver.method)})"
                 if ver
                 else "not run",
             ),

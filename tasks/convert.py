@@ -17,7 +17,6 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import torch
 from prefect import task
 
 from ckptcore import api, lineage
@@ -260,6 +259,8 @@ def verify_models(
 ) -> Verified:
     """Source and ``.nemo`` on the same images; ``CkptError`` if the logits differ."""
     start = time.perf_counter()
+    import torch
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
     report = api.verify(
         fetched.open_url,
@@ -281,6 +282,7 @@ def verify_models(
         images=report.images,
         passed=report.passed,
         device=device,
+        method=report.method,
     )
     return Verified(info, time.perf_counter() - start)
 
