@@ -1197,7 +1197,7 @@ def main() -> int:
         },
         "layers": layers,
         "sizes": {k: v for k, v in sizes.items() if k != "files"},
-        "machine": {"cpus": os.cpu_count()},
+        "machine": {"cpus": os.cpu_count(), "work_fs": filesystem_of(work)},
     }
     try:
         with contextlib.ExitStack() as stack:
@@ -1244,14 +1244,30 @@ def main() -> int:
     return 0 if all(r["ok"] for r in result.get("rows", [])) else 1
 
 
+def filesystem_of(path: str) -> str:
+    """The type of the file system holding ``path`` (longest mount point in /proc/mounts)."""
+    best, kind = "", "unknown"
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                fields = line.split()
+                mount, fs_type = fields[1], fields[2]
+                if (path + "/").startswith(mount.rstrip("/") + "/") and len(mount) > len(best):
+                    best, kind = mount, fs_type
+    except OSError:
+        pass
+    return kind
+
+
 def report(result: dict, args) -> str:
     sizes = result["sizes"]
     moto = "ranged GETs read only the range" if args.fast_ranges else "stock"
+    work_fs = result["machine"].get("work_fs")
     out = [
         f"## S3 → S3 (moto: {moto}), TP={args.source_tp} → TP={args.target_tp} ({result['layers']} layers: weights "
         f"{sizes['weights_bytes'] / GB:.3f} GB, whole checkpoint {sizes['checkpoint_bytes'] / GB:.3f} GB, "
         f"plan reads {sizes['plan_read_bytes'] / GB:.3f} GB, output weights {sizes['output_weight_bytes'] / GB:.3f} GB; "
-        f"{args.repeat} run(s) each)",
+        f"{args.repeat} run(s) each" + (f"; work folders on {work_fs}" if work_fs else "") + ")",
         "",
         table(result["rows"], sizes),
     ]
