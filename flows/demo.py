@@ -77,7 +77,8 @@ def _print_report(
         ),
         "output": f"{record['output']['size_bytes']:,} B sha256 {record['output']['sha256']}",
         "verify (flow)": f"max |logit diff| {record['verify']['max_abs_diff']:.3g} "
-        f"on {record['verify']['images']} images ({record['verify']['device']})",
+        f"on {record['verify']['images']} images ({record['verify']['device']}; "
+        f"{record['verify'].get('method', 'logits')})",
         "flow run": f"{record['run']['flow_name']}/{record['run']['flow_run_name']} "
         f"({record['run']['flow_run_id']})",
         "deployment": record["run"]["deployment_name"] or "- (local run)",
