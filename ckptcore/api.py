@@ -14,11 +14,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ckptcore.dtypes import dtype_info, parse_precision
-from ckptcore.engine import execute, file_layout, materialize, write_rank
+from ckptcore.engine import execute, file_layout, iter_file, materialize, tensor_bits, write_rank
 from ckptcore.errors import CkptError, storage_error
 from ckptcore.follow import Follower
 from ckptcore.formats import nemo as nemo_fmt
 from ckptcore.formats.zipwriter import file_sink
+from ckptcore.model.config import vit_dims, vit_options
 from ckptcore.output import atomic_output, check_destination
 from ckptcore.plan import Plan, build_plan
 from ckptcore.sources import Checkpoint, open_checkpoint
@@ -416,13 +417,6 @@ def sample_images(config: dict, count: int = 4, seed: int = 0) -> Any:
     return torch.randn(count, c, int(config["img_h"]), int(config["img_w"]), generator=g)
 
 
-def _bits(t: Any) -> Any:
-    """A tensor's bytes as a flat uint8 view (compares NaNs and signed zeros exactly)."""
-    import torch
-
-    return t.detach().reshape(-1).view(torch.uint8)
-
-
 def same_weights(a: str, model: Any, cache: RangeCache | str | None = None) -> bool:
     """Whether the checkpoint ``a``, merged to TP=1/PP=1, holds exactly ``model``'s tensors
     (same names, dtypes, shapes and bits) and its config builds the same network.
@@ -430,9 +424,6 @@ def same_weights(a: str, model: Any, cache: RangeCache | str | None = None) -> b
     One tensor of ``a`` in memory at a time. False on any difference, including a config the
     reference model does not accept (the caller's full comparison then reports it)."""
     import torch
-
-    from ckptcore.engine import iter_file
-    from ckptcore.model.config import vit_dims, vit_options
 
     ck = open_checkpoint(a, "last", cache)
     try:
@@ -442,7 +433,7 @@ def same_weights(a: str, model: Any, cache: RangeCache | str | None = None) -> b
                 return False
         except CkptError:
             return False
-        ours = {k: v for k, v in model.state_dict(keep_vars=True).items() if v is not None}
+        ours = {k: v for k, v in model.state_dict().items() if v is not None}
         seen = 0
         for key, value in iter_file(ck, plan.files[0]):
             if value is None:
@@ -452,7 +443,7 @@ def same_weights(a: str, model: Any, cache: RangeCache | str | None = None) -> b
             t = ours.get(key)
             if t is None or t.dtype != value.dtype or t.shape != value.shape:
                 return False
-            if not torch.equal(_bits(t), _bits(value)):
+            if not torch.equal(tensor_bits(t), tensor_bits(value)):
                 return False
             seen += 1
         return seen == len(ours)

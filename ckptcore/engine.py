@@ -69,7 +69,8 @@ def _read_piece(ck: Checkpoint, pc: Piece, dim: int | None) -> Any:
     return t
 
 
-def _bits(t: Any) -> Any:
+def tensor_bits(t: Any) -> Any:
+    """A tensor's bytes as a flat uint8 view: equal bits, not equal values (NaNs, signed zeros)."""
     return t.contiguous().reshape(-1).view(dtype_name("uint8").torch)
 
 
@@ -333,7 +334,9 @@ def make_tensor(
                 raise _replica_error(ck, tt, rp)
             continue  # as tensor_chunks: replicas in object storage compared by record CRC
         other = _read_piece(ck, rp, None)
-        if other.shape != parts[0].shape or not torch.equal(_bits(other), _bits(parts[0])):
+        if other.shape != parts[0].shape or not torch.equal(
+            tensor_bits(other), tensor_bits(parts[0])
+        ):
             raise _replica_error(ck, tt, rp)
     if not allow_nonfinite:
         for part in parts:
