@@ -22,30 +22,41 @@ class Follower(Protocol):
     def finish(self, size: int) -> None: ...
 
 
-class FollowingDigest:
+class FollowsWriter:
+    """A :class:`Follower`'s side of the writer: how far the file is written and, once writing
+    ended, its length (``_written``, ``_size``, guarded by ``_cond``, which the follower's own
+    thread waits on)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._written = 0
+        self._size: int | None = None  # set by finish()
+
+    def written(self, position: int) -> None:
+        """The file holds its bytes up to ``position`` (a writer's running total)."""
+        with self._cond:
+            if position > self._written:
+                self._written = position
+                self._cond.notify_all()
+
+    def finish(self, size: int) -> None:
+        """Writing is over: the file is ``size`` bytes long."""
+        with self._cond:
+            self._written = self._size = size
+            self._cond.notify_all()
+
+
+class FollowingDigest(FollowsWriter):
     """The sha256 of ``path``, read on a helper thread as the writer goes."""
 
     def __init__(self, path: str) -> None:
+        super().__init__()
         self.path = path
-        self._cond = threading.Condition()
-        self._written = 0
-        self._size: int | None = None
         self._cancelled = False
         self._error: BaseException | None = None
         self._hash = hashlib.sha256()
         self._thread = threading.Thread(target=self._run, name="ckpt-digest", daemon=True)
         self._thread.start()
-
-    def written(self, position: int) -> None:
-        with self._cond:
-            if position > self._written:
-                self._written = position
-                self._cond.notify()
-
-    def finish(self, size: int) -> None:
-        with self._cond:
-            self._written = self._size = size
-            self._cond.notify()
 
     def cancel(self) -> None:
         with self._cond:

@@ -25,6 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from ckptcore.errors import CkptError, storage_error
+from ckptcore.follow import FollowsWriter
 
 MIN_PART_BYTES = 5 << 20  # S3: every part but the last
 MAX_PARTS = 10_000
@@ -39,7 +40,7 @@ def is_s3(url: str) -> bool:
     return url.startswith(("s3://", "s3a://"))
 
 
-class FollowingUpload:
+class FollowingUpload(FollowsWriter):
     """Upload ``path`` to ``url`` (``s3://``) by multipart as it grows; see the module doc."""
 
     def __init__(
@@ -57,15 +58,13 @@ class FollowingUpload:
             raise CkptError(url, "a following multipart upload needs an s3:// destination")
         if part_size < MIN_PART_BYTES:
             raise CkptError(url, f"part size {part_size} is below S3's minimum of 5 MiB")
+        super().__init__()
         self.path = path
         self.url = url
         self.part_size = part_size
         self.fs, fs_path = get_fs(url)
         self.bucket, self.key, _ = self.fs.split_path(fs_path)
         self._fs_path = fs_path
-        self._cond = threading.Condition()
-        self._written = 0
-        self._size: int | None = None  # set by finish()
         self._error: BaseException | None = None
         self._parts: dict[int, str] = {}  # part number -> ETag
         self._futures: list[Future] = []
@@ -87,21 +86,6 @@ class FollowingUpload:
         self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="ckpt-part")
         self._dispatcher = threading.Thread(target=self._dispatch, name="ckpt-upload", daemon=True)
         self._dispatcher.start()
-
-    # -- the writer's side ----------------------------------------------------------------
-
-    def written(self, position: int) -> None:
-        """The file holds its bytes up to ``position`` (a writer's running total)."""
-        with self._cond:
-            if position > self._written:
-                self._written = position
-                self._cond.notify_all()
-
-    def finish(self, size: int) -> None:
-        """Writing is over: the file is ``size`` bytes long."""
-        with self._cond:
-            self._written = self._size = size
-            self._cond.notify_all()
 
     # -- the uploader -----------------------------------------------------------------------
 
