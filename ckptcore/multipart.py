@@ -14,10 +14,17 @@ The object's user metadata is fixed when the upload starts (S3 takes it with
 
 A process killed mid-upload leaves the parts stored but invisible: an S3 lifecycle rule
 (``AbortIncompleteMultipartUpload``) removes them.
+
+Integrity: with ``checksum="CRC32"`` (the default) the upload is created with S3's additional
+checksum: each part carries the CRC-32 computed here from the bytes read back, S3 rejects a part
+whose bytes do not match it, the completion names every part's CRC-32 again, and the object keeps
+the composite checksum (``HeadObject`` with ``ChecksumMode=ENABLED``). A store that does not
+speak S3's additional checksums takes ``checksum=None`` (ETags only, as before).
 """
 
 from __future__ import annotations
 
+import base64
 import os
 import threading
 import time
@@ -29,6 +36,14 @@ from ckptcore.follow import FollowsWriter
 
 MIN_PART_BYTES = 5 << 20  # S3: every part but the last
 MAX_PARTS = 10_000
+CHECKSUMS = ("CRC32",)  # S3's additional checksums this module computes
+
+
+def crc32_b64(data: bytes) -> str:
+    """S3's ``ChecksumCRC32`` of ``data``: the big-endian CRC-32, base64."""
+    from ckptcore.formats.zipwriter import crc32_bytes
+
+    return base64.b64encode(crc32_bytes(data).to_bytes(4, "big")).decode()
 
 
 def part_size_for(expected_bytes: int, preferred: int) -> int:
@@ -51,11 +66,14 @@ class FollowingUpload(FollowsWriter):
         concurrency: int = 4,
         metadata: dict[str, str] | None = None,
         content_type: str | None = None,
+        checksum: str | None = "CRC32",
     ) -> None:
         from ckptcore.storage import get_fs
 
         if not is_s3(url):
             raise CkptError(url, "a following multipart upload needs an s3:// destination")
+        if checksum is not None and checksum not in CHECKSUMS:
+            raise CkptError(url, f"checksum {checksum!r}: expected one of {', '.join(CHECKSUMS)}")
         if part_size < MIN_PART_BYTES:
             raise CkptError(url, f"part size {part_size} is below S3's minimum of 5 MiB")
         super().__init__()
@@ -66,7 +84,8 @@ class FollowingUpload(FollowsWriter):
         self.bucket, self.key, _ = self.fs.split_path(fs_path)
         self._fs_path = fs_path
         self._error: BaseException | None = None
-        self._parts: dict[int, str] = {}  # part number -> ETag
+        self.checksum = checksum
+        self._parts: dict[int, dict[str, Any]] = {}  # part number -> its entry in the completion
         self._futures: list[Future] = []
         self._state = "open"  # open -> committed | aborted
         self.sent_bytes = 0
@@ -78,6 +97,8 @@ class FollowingUpload(FollowsWriter):
             kwargs["Metadata"] = metadata
         if content_type:
             kwargs["ContentType"] = content_type
+        if checksum:
+            kwargs["ChecksumAlgorithm"] = checksum
         try:
             self.upload_id = self._call("create_multipart_upload", **kwargs)["UploadId"]
         except Exception as exc:
@@ -121,6 +142,10 @@ class FollowingUpload(FollowsWriter):
             return
         try:
             data = _pread_all(self._fd, offset, length, self.path)
+            entry: dict[str, Any] = {"PartNumber": number}
+            extra: dict[str, Any] = {}
+            if self.checksum:
+                entry["ChecksumCRC32"] = extra["ChecksumCRC32"] = crc32_b64(data)
             reply = self._call(
                 "upload_part",
                 Bucket=self.bucket,
@@ -128,7 +153,16 @@ class FollowingUpload(FollowsWriter):
                 UploadId=self.upload_id,
                 PartNumber=number,
                 Body=data,
+                **extra,
             )
+            entry["ETag"] = reply["ETag"]
+            stored = reply.get("ChecksumCRC32")
+            if self.checksum and stored and stored != entry["ChecksumCRC32"]:
+                raise CkptError(
+                    self.url,
+                    f"part {number}: the store computed CRC-32 {stored},"
+                    f" the bytes sent have {entry['ChecksumCRC32']}",
+                )
         except BaseException as exc:  # noqa: BLE001 - handed to wait()
             with self._cond:
                 if self._error is None:
@@ -136,7 +170,7 @@ class FollowingUpload(FollowsWriter):
                 self._cond.notify_all()
             return
         with self._cond:
-            self._parts[number] = reply["ETag"]
+            self._parts[number] = entry
             self.sent_bytes += length
             self._last_stored = max(self._last_stored, time.perf_counter())
 
@@ -160,7 +194,7 @@ class FollowingUpload(FollowsWriter):
     def commit(self) -> None:
         """Complete the upload: the object appears at ``url`` with every part."""
         self.wait()
-        parts = [{"PartNumber": n, "ETag": self._parts[n]} for n in sorted(self._parts)]
+        parts = [self._parts[n] for n in sorted(self._parts)]
         try:
             self._call(
                 "complete_multipart_upload",
@@ -192,6 +226,17 @@ class FollowingUpload(FollowsWriter):
         except Exception:
             pass  # never completed, the upload stays invisible; a lifecycle rule removes it
         self._close()
+
+    def composite_checksum(self) -> str | None:
+        """The object's composite CRC-32 as S3 reports it (``HeadObject`` with checksum mode on:
+        the CRC-32 of the parts' CRC-32s, base64), computed from the bytes sent; None without a
+        checksum or before every part is stored."""
+        if not self.checksum or self._size is None or len(self._parts) != len(self._futures):
+            return None
+        joined = b"".join(
+            base64.b64decode(self._parts[n]["ChecksumCRC32"]) for n in sorted(self._parts)
+        )
+        return crc32_b64(joined)
 
     @property
     def state(self) -> str:

@@ -14,6 +14,7 @@
 | ``CKPT_VERIFY_IMAGES`` | ``1`` | images the verify step runs through source and output (each costs one forward pass of each model; one image already uses every weight, so a wrong one shows) |
 | ``CKPT_UPLOAD`` | ``stream`` | how ``convert`` (repartitioning in-process) uploads to ``s3://``: ``stream`` writes the ``.nemo`` once, locally, while a multipart upload follows the file, completed only once verify passed (aborted otherwise); the object's metadata then lacks the output's sha256 and the verify result (the sidecar has them). ``after``: package, verify, then upload with the full metadata |
 | ``CKPT_READ_CONCURRENCY`` | ``4`` | ranged GETs in flight per source object while reading a remote source in place (read by ckptcore; each holds up to 64 MiB, within a 256 MiB read-ahead per object) |
+| ``CKPT_UPLOAD_CHECKSUM`` | ``crc32`` | S3 additional checksum of the streamed ``.nemo`` upload: ``crc32`` sends each part's CRC-32 (the store checks it and keeps the object's composite checksum), ``none`` only ETags (for S3-compatible stores without additional checksums) |
 | ``CKPT_UPLOAD_CONCURRENCY`` | ``4`` | parts of one S3 upload sent at the same time (each holds a part in memory) |
 | ``CKPT_RUNNER`` | unset (one process) | map the repartition step over the plan's work items (one task per target rank file) on a task runner: ``threads[:N]``, ``dask`` (a ``LocalCluster``), ``dask://host:8786`` (an existing scheduler; also ``tcp://``/``tls://``), ``ray``, ``ray://host:10001``; ``inline`` forces the one-process path. The ``runner`` flow parameter wins over it |
 | ``CKPT_RUNNER_WORKERS`` | unset: CPU count (threads), Dask's default (``LocalCluster``) | threads of ``threads``, worker processes of a ``dask`` ``LocalCluster`` |
@@ -129,6 +130,14 @@ def upload_mode() -> str:
     if mode not in ("stream", "after"):
         raise CkptError(None, f"CKPT_UPLOAD={mode!r}: expected stream or after")
     return mode
+
+
+def upload_checksum() -> str | None:
+    """``CRC32`` (default) or None: see ``CKPT_UPLOAD_CHECKSUM``."""
+    raw = os.environ.get("CKPT_UPLOAD_CHECKSUM", "crc32").strip().lower() or "crc32"
+    if raw not in ("crc32", "none"):
+        raise CkptError(None, f"CKPT_UPLOAD_CHECKSUM={raw!r}: expected crc32 or none")
+    return None if raw == "none" else "CRC32"
 
 
 def upload_concurrency() -> int:

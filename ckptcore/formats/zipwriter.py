@@ -123,6 +123,15 @@ def crc32_array(arr, running: int = 0) -> int:
     return fn(running, arr.ctypes.data, arr.nbytes)
 
 
+def crc32_bytes(data: bytes | memoryview, running: int = 0) -> int:
+    """``zlib.crc32`` of a bytes-like object, through libdeflate where present (no copy)."""
+    if len(data) < 1 << 16 or _libdeflate_crc32() is None:
+        return zlib.crc32(data, running)
+    import numpy as np
+
+    return crc32_array(np.frombuffer(data, dtype=np.uint8), running)
+
+
 def _hash_combine(seed: int, value: int) -> int:
     """c10::hash_combine on 64-bit values."""
     return (seed ^ (value + 0x9E3779B9 + ((seed << 6) & _MASK64) + (seed >> 2))) & _MASK64

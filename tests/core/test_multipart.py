@@ -3,10 +3,12 @@ a real local S3 server), and ``write_nemo_file`` feeding them."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 import threading
 import time
+import zlib
 
 import pytest
 from helpers import local_s3
@@ -71,6 +73,43 @@ def test_parts_go_up_while_the_file_is_written_and_commit_makes_the_object(s3, t
     assert s3.cat_file("out/grow.bin") == data
     assert digest.hexdigest() == hashlib.sha256(data).hexdigest()
     assert _pending(s3, "grow.bin") == []
+
+
+def _stored_checksums(s3, key: str) -> dict[str, str]:
+    head = s3.call_s3("head_object", Bucket="out", Key=key, ChecksumMode="ENABLED")
+    return {k: v for k, v in head.items() if k.startswith("Checksum") and k != "ChecksumType"}
+
+
+def test_parts_carry_their_crc32_and_the_object_keeps_the_composite(s3, tmp_path):
+    """Every part is sent with its CRC-32; the object's composite checksum (the CRC-32 of the
+    parts' CRC-32s) is the one computed here from the file's bytes, part by part."""
+    path = str(tmp_path / "sum.bin")
+    data = os.urandom(2 * PART + 777)
+    open(path, "wb").close()
+    upload = FollowingUpload(path, "s3://out/sum.bin", PART)
+    assert upload.checksum == "CRC32"
+    _write_slowly(path, data, [upload], 1 << 20)
+    upload.commit()
+    parts = [data[i : i + PART] for i in range(0, len(data), PART)]
+    joined = b"".join(zlib.crc32(p).to_bytes(4, "big") for p in parts)
+    expected = base64.b64encode(zlib.crc32(joined).to_bytes(4, "big")).decode()
+    assert upload.composite_checksum() == expected
+    assert _stored_checksums(s3, "sum.bin") == {"ChecksumCRC32": expected}
+    assert s3.cat_file("out/sum.bin") == data
+
+
+def test_without_a_checksum_the_upload_is_plain(s3, tmp_path):
+    path = str(tmp_path / "plain.bin")
+    data = os.urandom(PART + 5)
+    open(path, "wb").close()
+    upload = FollowingUpload(path, "s3://out/plain.bin", PART, checksum=None)
+    _write_slowly(path, data, [upload], 1 << 20)
+    upload.commit()
+    assert upload.composite_checksum() is None
+    assert "ChecksumCRC32" not in _stored_checksums(s3, "plain.bin")
+    assert s3.cat_file("out/plain.bin") == data
+    with pytest.raises(CkptError, match="checksum 'MD5': expected one of CRC32"):
+        FollowingUpload(path, "s3://out/x.bin", PART, checksum="MD5")
 
 
 def test_abort_leaves_no_object_and_no_parts(s3, tmp_path):

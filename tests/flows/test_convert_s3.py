@@ -129,6 +129,9 @@ def test_tp2_training_checkpoint_in_s3_becomes_tp1_nemo_in_s3(
     assert {"ckpt-pipeline", "torch", "prefect", "python"} <= set(record.versions)
     if upload == "stream":  # one pass writes the archive; the upload overlapped it and verify
         assert {"list", "write", "verify", "upload", "commit"} <= set(record.timings)
+        bucket, key = dest.removeprefix("s3://").split("/", 1)
+        head = s3.call_s3("head_object", Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+        assert head.get("ChecksumCRC32")  # the parts went up with their CRC-32s
     else:
         assert {"list", "repartition", "package", "verify", "upload"} <= set(record.timings)
     assert "fetch" not in record.timings  # read in place: nothing was fetched
