@@ -39,11 +39,13 @@ def sidecar_url(destination: str) -> str:
 
 
 def sha256_file(path: str) -> str:
-    """Hex sha256 of a local file, read in 8 MiB chunks."""
+    """Hex sha256 of a local file, read in 8 MiB chunks into one reused buffer."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK_BYTES):
-            h.update(chunk)
+    buf = bytearray(_CHUNK_BYTES)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
     return h.hexdigest()
 
 
@@ -157,8 +159,11 @@ class LineageRecord:
     def with_timing(self, step: str, seconds: float) -> LineageRecord:
         return replace(self, timings={**self.timings, step: round(float(seconds), 3)})
 
+    def with_output(self, output: OutputInfo) -> LineageRecord:
+        return replace(self, output=output)
+
     def completed(
-        self, output: OutputInfo, verify: VerifyInfo | None, timings: dict[str, float]
+        self, output: OutputInfo | None, verify: VerifyInfo | None, timings: dict[str, float]
     ) -> LineageRecord:
         """The record once the ``.nemo`` exists (and was verified, if it was)."""
         merged = {**self.timings, **{k: round(float(v), 3) for k, v in timings.items()}}

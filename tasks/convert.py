@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -74,11 +75,12 @@ class Partition:
 
 @dataclass(frozen=True)
 class Packaged:
-    """A ``.nemo`` in the local work folder."""
+    """A ``.nemo`` in the local work folder. ``sha256`` None: not taken yet (a streamed upload
+    takes it while the store completes the upload)."""
 
     path: str
     size_bytes: int
-    sha256: str
+    sha256: str | None
     seconds: float
 
 
@@ -252,6 +254,27 @@ class Verified:
 
     info: lineage.VerifyInfo
     seconds: float
+
+
+def warm_verify() -> threading.Thread:
+    """Import what verify needs (torch and the reference model, ~2 s) on a helper thread.
+
+    The streamed path's write moves bytes without torch, so verify would otherwise pay the
+    import right after the write, on the critical path. Started once the write is under way
+    (mostly waiting on storage), the import overlaps it; verify's own import then finds the
+    modules loaded (or waits for the import in progress). Harmless where they already are."""
+
+    def load() -> None:
+        try:
+            import torch  # noqa: F401
+
+            import ckptcore.model.vit  # noqa: F401
+        except Exception:  # noqa: BLE001 - verify imports again and reports the failure
+            pass
+
+    thread = threading.Thread(target=load, name="ckpt-warm-verify", daemon=True)
+    thread.start()
+    return thread
 
 
 def verify_models(

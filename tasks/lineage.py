@@ -116,12 +116,16 @@ def finish_lineage(
 ) -> lineage.LineageRecord:
     """The record once the ``.nemo`` exists: its digest and size, the verify result.
 
-    ``streamed``: written by ``write-nemo`` (timed as ``write``), not packaged separately."""
+    ``streamed``: written by ``write-nemo`` (timed as ``write``), not packaged separately.
+    Without the digest yet (``packaged.sha256`` None), the output is left for ``upload``."""
     timings = {} if streamed else {"package": packaged.seconds}
     if verified is not None:
         timings["verify"] = verified.seconds
+    output = None
+    if packaged.sha256 is not None:
+        output = lineage.OutputInfo(record.destination, packaged.size_bytes, packaged.sha256)
     return record.completed(
-        output=lineage.OutputInfo(record.destination, packaged.size_bytes, packaged.sha256),
+        output=output,
         verify=verified.info if verified is not None else None,
         timings=timings,
     )

@@ -15,6 +15,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -211,15 +212,28 @@ def commit_nemo(pending: str | None, packaged_path: str, record: lineage.Lineage
     start = time.perf_counter()
     upload = take_pending(pending)
     if upload is None:
-        return _upload(packaged_path, record)
+        return _upload(packaged_path, _with_output(record, packaged_path))
     _remove(lineage.sidecar_url(record.destination))
-    try:
-        upload.commit()
-    except BaseException:
-        upload.abort()
-        raise
+    with ThreadPoolExecutor(1, thread_name_prefix="ckpt-sha256") as pool:
+        # write-nemo left the digest for now: taken while the store completes the upload
+        digest = pool.submit(_with_output, record, packaged_path)
+        try:
+            upload.commit()
+        except BaseException:
+            upload.abort()
+            raise
+        record = digest.result()
     record = record.with_timing("commit", time.perf_counter() - start)
     return _committed(record, upload.upload_seconds or 0.0)
+
+
+def _with_output(record: lineage.LineageRecord, packaged_path: str) -> lineage.LineageRecord:
+    """``record`` with its output (size, sha256 of the local ``.nemo``) if it lacks one."""
+    if record.output is not None:
+        return record
+    size = os.path.getsize(packaged_path)
+    output = lineage.OutputInfo(record.destination, size, lineage.sha256_file(packaged_path))
+    return record.with_output(output)
 
 
 def _remove_uncommitted(destination: str) -> Callable[..., None]:

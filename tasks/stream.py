@@ -35,6 +35,7 @@ from ckptcore.multipart import FollowingUpload, is_s3, part_size_for
 from ckptcore.sources import open_checkpoint
 from tasks import settings
 from tasks.convert import Packaged
+from tasks.convert import warm_verify as start_warming_verify
 from tasks.lineage import PlannedLayout, start_lineage
 from tasks.progress import Progress
 from tasks.retry import storage_retries
@@ -83,9 +84,13 @@ def write_nemo(
     precision: str,
     destination: str,
     work_dir: str,
+    warm_verify: bool = False,
 ) -> Written:
     """Repartition into the ``.nemo`` (lineage member included) in one pass, uploading it to an
-    ``s3://`` destination as it is written; the upload is completed later by ``upload``."""
+    ``s3://`` destination as it is written; the upload is completed later by ``upload``.
+
+    ``warm_verify``: once the source is open and planned, import what verify needs on a helper
+    thread (:func:`tasks.convert.warm_verify`) while the bytes move."""
     start = time.perf_counter()
     out_dir = os.path.join(work_dir, f"package-{uuid.uuid4().hex[:12]}")
     os.makedirs(out_dir, exist_ok=True)
@@ -104,6 +109,8 @@ def write_nemo(
             notes=tuple(ck.notes),
         )
         record = start_lineage(listing, fetched, facts, destination)
+        if warm_verify:
+            start_warming_verify()
         tensor_bytes = sum(fp.write_bytes for fp in plan.files)
         progress = Progress(
             f"repartition to TP={plan.target.tp} PP={plan.target.pp} into {out_path}", tensor_bytes
@@ -112,8 +119,10 @@ def write_nemo(
         members[lineage.MEMBER_NAME] = record.to_json().encode()
         expected = sum(m.size if isinstance(m, MemberSource) else len(m) for m in members.values())
         open(out_path, "wb").close()  # the followers open it before the first byte
-        digest = FollowingDigest(out_path)
         upload = None
+        # Uploading: the sha256 is taken later, while the store completes the upload (a spare
+        # core then) instead of here, where every core is busy moving bytes.
+        digest = None if is_s3(destination) else FollowingDigest(out_path)
         try:
             if is_s3(destination):
                 upload = FollowingUpload(
@@ -122,13 +131,15 @@ def write_nemo(
                     part_size_for(expected, settings.upload_chunk_bytes()),
                     settings.upload_concurrency(),
                     metadata=record.object_metadata(),
+                    checksum=settings.upload_checksum(),
                 )
             size = write_nemo_file(members, out_path, [f for f in (digest, upload) if f])
-            sha256 = digest.hexdigest()
+            sha256 = digest.hexdigest() if digest is not None else None
             if fetched.in_place:
                 check_unchanged(fetched)  # the bytes read all come from the objects as listed
         except BaseException:
-            digest.cancel()
+            if digest is not None:
+                digest.cancel()
             if upload is not None:
                 upload.abort()
             raise
