@@ -575,7 +575,7 @@ def child_overhead(spec: dict) -> dict:
         "settings": {
             "PREFECT_WORKER_QUERY_SECONDS": PREFECT_WORKER_QUERY_SECONDS.value(),
             "PREFECT_WORKER_PREFETCH_SECONDS": PREFECT_WORKER_PREFETCH_SECONDS.value(),
-            "CKPT_POLL_SECONDS": os.environ.get("CKPT_POLL_SECONDS", "1 (default)"),
+            "CKPT_POLL_SECONDS": os.environ.get("CKPT_POLL_SECONDS", "0.5 (default)"),
         },
     }
 

@@ -57,6 +57,7 @@ from tasks.convert import (
     partition_location,
     repartition,
     verify_output,
+    warm_verify,
 )
 from tasks.items import (
     MappedPartition,
@@ -270,6 +271,8 @@ def convert_pipeline(
     if handed_over:
         scratch = settings.scratch_url(scratch_url)
         location = partition_location(scratch, fetched, target_tp, target_pp, precision)
+        if verify:
+            warm_verify()  # this process only waits for the child run meanwhile
         remote = run_repartition_deployment(
             listing, fetched, target_tp, target_pp, precision, location
         )

@@ -7,7 +7,7 @@
 | ``CKPT_REPARTITION`` | ``auto`` | ``auto``: a deployed run hands repartitioning to the ``repartition/vit`` deployment, a local run does it in-process; ``inline`` / ``deployment`` force one |
 | ``CKPT_REPARTITION_DEPLOYMENT`` | ``repartition/vit`` | the deployment that repartitions |
 | ``CKPT_REPARTITION_TIMEOUT`` | unset (wait) | seconds to wait for it |
-| ``CKPT_POLL_SECONDS`` | ``1`` | how often a parent polls a child run |
+| ``CKPT_POLL_SECONDS`` | ``0.5`` | how often a parent polls a child run (at least 0.2; each poll is one API read) |
 | ``CKPT_RETRIES`` | ``3`` | retries of storage tasks (transient errors only) |
 | ``CKPT_RETRY_BACKOFF`` | ``2`` | first retry delay in seconds, doubled each time (``0`` in tests) |
 | ``CKPT_UPLOAD_CHUNK_BYTES`` | ``67108864`` | multipart part size for S3 uploads (S3 needs >= 5 MiB) |
@@ -93,7 +93,7 @@ def repartition_timeout() -> float | None:
 
 
 def poll_seconds() -> float:
-    return max(_float("CKPT_POLL_SECONDS", 1.0), 0.5)
+    return max(_float("CKPT_POLL_SECONDS", 0.5), 0.2)
 
 
 def retries() -> int:
