@@ -18,7 +18,9 @@ the process tree), the proxy's counters reset before each:
   ``.nemo`` is written (``CKPT_UPLOAD=stream``, the default) and is completed after verify;
   ``flow-after``: the same with ``CKPT_UPLOAD=after`` (package, verify, then upload); the
   phases are the lineage record's timings (streamed: ``upload`` overlaps ``write`` and
-  ``verify``, ``commit`` is what is left of it after verify);
+  ``verify``, ``commit`` is what is left of it after verify); the floor's are ``copy`` and
+  ``complete`` (closing the file: the last part and the multipart completion); phases are
+  medians over the repetitions;
 - ``flow-threads``: the same in the mapped mode (``runner="threads"``, staging in the local
   work folder);
 - ``ckpt-s3``: ``ckpt convert s3://... s3://....nemo --target-tp 2`` (ckptcore alone, no Prefect,
@@ -390,7 +392,8 @@ def child_floor(spec: dict) -> dict:
     fs = fsspec.filesystem("s3")
     t0 = time.perf_counter()
     stats = {"gets": 0, "written": 0}
-    with fs.open(spec["dest"], "wb", block_size=spec["block"]) as out:
+    out = fs.open(spec["dest"], "wb", block_size=spec["block"])
+    with out:
         if not spec.get("overlap"):
             for piece in _weight_pieces(fs, spec, stats):
                 out.write(piece)
@@ -413,7 +416,10 @@ def child_floor(spec: dict) -> dict:
                     raise item
                 out.write(item)
                 stats["written"] += len(item)
-    return {"work_s": time.perf_counter() - t0, **stats}
+        copied = time.perf_counter()
+    # close() sends the last part and completes the multipart upload
+    phases = {"copy": copied - t0, "complete": time.perf_counter() - copied}
+    return {"work_s": time.perf_counter() - t0, "phases": phases, **stats}
 
 
 def child_flow(spec: dict) -> dict:
@@ -813,6 +819,17 @@ class Bench:
         return out
 
 
+def _median_phases(reps: list[dict]) -> dict | None:
+    """Each phase's median over the repetitions that timed it."""
+    keys = [k for r in reps for k in (r.get("phases") or {})]
+    if not keys:
+        return None
+    return {
+        k: statistics.median(r["phases"][k] for r in reps if k in (r.get("phases") or {}))
+        for k in dict.fromkeys(keys)
+    }
+
+
 def summarize(variant: str, reps: list[dict]) -> dict:
     ok = [r for r in reps if r["ok"]]
     use = ok or reps
@@ -829,7 +846,7 @@ def summarize(variant: str, reps: list[dict]) -> dict:
         "seconds_min": min(secs),
         "seconds_max": max(secs),
         "work_s": statistics.median(r.get("work_s", r["seconds"]) for r in use),
-        "phases": last.get("phases"),
+        "phases": _median_phases(use),
         "read_bytes": max(r["read_bytes"] for r in use),
         "written_bytes": max(r["written_bytes"] for r in use),
         "output_bytes": last.get("output_bytes"),

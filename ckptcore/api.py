@@ -10,6 +10,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -475,11 +476,20 @@ def verify(
 
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     mb = restore_model(b, cache=cache)
-    identical = not run_both and same_weights(a, mb, cache)
     dims, x = mb.dims, sample_images(mb.cfg, images).to(dev)
-    mb = mb.to(dev)
-    with torch.inference_mode():
-        lb = mb(x).float()
+    if run_both:
+        identical, lb = False, _logits(mb.to(dev), x)
+    elif dev == "cpu":
+        # b's forward pass (torch's threads) runs while its tensors are compared with a's
+        with ThreadPoolExecutor(1, thread_name_prefix="ckpt-verify") as pool:
+            forward = pool.submit(_logits, mb, x)
+            try:
+                identical = same_weights(a, mb, cache)
+            finally:
+                lb = forward.result()
+    else:  # compared on the CPU, before the model moves to the device
+        identical = same_weights(a, mb, cache)
+        lb = _logits(mb.to(dev), x)
     del mb
     if identical:
         ok = bool(torch.isfinite(lb).all())
@@ -487,12 +497,19 @@ def verify(
     ma = restore_model(a, cache=cache).to(dev)
     if ma.dims != dims:
         raise CkptError(b, f"model shape differs from {a}: {dims} vs {ma.dims}")
-    with torch.inference_mode():
-        la = ma(x).float()
+    la = _logits(ma, x)
     del ma
     diff = float((la - lb).abs().max())
     ok = diff <= tolerance and bool(torch.isfinite(la).all()) and bool(torch.isfinite(lb).all())
     return VerifyReport(a, b, diff, tolerance, images, ok)
+
+
+def _logits(model: Any, x: Any) -> Any:
+    """``model(x)`` as float32, without autograd (entered here: the mode is per thread)."""
+    import torch
+
+    with torch.inference_mode():
+        return model(x).float()
 
 
 def describe_dtype(dtype: Any) -> str:
