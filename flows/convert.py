@@ -329,9 +329,7 @@ def _convert_streamed(
     work: str,
 ) -> dict[str, str]:
     """``convert_pipeline`` with the upload following the write (see the module doc)."""
-    written = write_nemo(
-        listing, fetched, target_tp, target_pp, precision, destination, work, warm_verify=verify
-    )
+    written = write_nemo(listing, fetched, target_tp, target_pp, precision, destination, work)
     files = [os.path.dirname(written.packaged.path)]
     if not listing.local:
         files += [fetch_location(listing, work), cache_location(listing, work)]

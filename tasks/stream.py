@@ -35,7 +35,6 @@ from ckptcore.multipart import FollowingUpload, is_s3, part_size_for
 from ckptcore.sources import open_checkpoint
 from tasks import settings
 from tasks.convert import Packaged
-from tasks.convert import warm_verify as start_warming_verify
 from tasks.lineage import PlannedLayout, start_lineage
 from tasks.progress import Progress
 from tasks.retry import storage_retries
@@ -84,13 +83,9 @@ def write_nemo(
     precision: str,
     destination: str,
     work_dir: str,
-    warm_verify: bool = False,
 ) -> Written:
     """Repartition into the ``.nemo`` (lineage member included) in one pass, uploading it to an
-    ``s3://`` destination as it is written; the upload is completed later by ``upload``.
-
-    ``warm_verify``: once the source is open and planned, import what verify needs on a helper
-    thread (:func:`tasks.convert.warm_verify`) while the bytes move."""
+    ``s3://`` destination as it is written; the upload is completed later by ``upload``."""
     start = time.perf_counter()
     out_dir = os.path.join(work_dir, f"package-{uuid.uuid4().hex[:12]}")
     os.makedirs(out_dir, exist_ok=True)
@@ -109,8 +104,6 @@ def write_nemo(
             notes=tuple(ck.notes),
         )
         record = start_lineage(listing, fetched, facts, destination)
-        if warm_verify:
-            start_warming_verify()
         tensor_bytes = sum(fp.write_bytes for fp in plan.files)
         progress = Progress(
             f"repartition to TP={plan.target.tp} PP={plan.target.pp} into {out_path}", tensor_bytes
