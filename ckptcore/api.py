@@ -477,9 +477,7 @@ def verify(
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     mb = restore_model(b, cache=cache)
     dims, x = mb.dims, sample_images(mb.cfg, images).to(dev)
-    if run_both:
-        identical, lb = False, _logits(mb.to(dev), x)
-    elif dev == "cpu":
+    if dev == "cpu" and not run_both:
         # b's forward pass (torch's threads) runs while its tensors are compared with a's
         with ThreadPoolExecutor(1, thread_name_prefix="ckpt-verify") as pool:
             forward = pool.submit(_logits, mb, x)
@@ -488,7 +486,7 @@ def verify(
             finally:
                 lb = forward.result()
     else:  # compared on the CPU, before the model moves to the device
-        identical = same_weights(a, mb, cache)
+        identical = not run_both and same_weights(a, mb, cache)
         lb = _logits(mb.to(dev), x)
     del mb
     if identical:

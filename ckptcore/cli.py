@@ -178,6 +178,7 @@ def cmd_reshard(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from ckptcore.api import verify
+    from ckptcore.lineage import VERIFY_METHODS
 
     report = verify(
         args.a, args.b, tolerance=args.tolerance, images=args.images, run_both=args.run_both
@@ -186,7 +187,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(json.dumps(report.to_dict(), indent=2))
     else:
         verdict = "OK" if report.passed else "MISMATCH"
-        how = "tensors bit-identical" if report.method == "same-weights" else "both models run"
+        how = VERIFY_METHODS.get(report.method, report.method)
         print(
             f"{verdict}: max |logit difference| = {report.max_abs_diff:.3g} "
             f"(tolerance {report.tolerance:g}, {report.images} images; {how})"

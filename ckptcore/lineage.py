@@ -98,7 +98,7 @@ class OutputInfo:
     sha256: str
 
 
-_METHODS = {
+VERIFY_METHODS = {  # VerifyInfo.method -> what ran, in words
     "logits": "both models run",
     "same-weights": "tensors bit-identical, output model run",
 }
@@ -254,7 +254,7 @@ class LineageRecord:
             (
                 "verify",
                 f"{'passed' if ver.passed else 'FAILED'}: max logit difference {ver.max_abs_diff:.3g} "
-                f"<= {ver.tolerance:g} on {ver.images} images ({ver.device}; {_METHODS.get(ver.method, ver.method)})"
+                f"<= {ver.tolerance:g} on {ver.images} images ({ver.device}; {VERIFY_METHODS.get(ver.method, ver.method)})"
                 if ver
                 else "not run",
             ),

@@ -33,6 +33,7 @@ from typing import Any
 
 from ckptcore.errors import CkptError, storage_error
 from ckptcore.follow import FollowsWriter
+from ckptcore.formats.zipwriter import crc32_bytes
 
 MIN_PART_BYTES = 5 << 20  # S3: every part but the last
 MAX_PARTS = 10_000
@@ -41,8 +42,6 @@ CHECKSUMS = ("CRC32",)  # S3's additional checksums this module computes
 
 def crc32_b64(data: bytes) -> str:
     """S3's ``ChecksumCRC32`` of ``data``: the big-endian CRC-32, base64."""
-    from ckptcore.formats.zipwriter import crc32_bytes
-
     return base64.b64encode(crc32_bytes(data).to_bytes(4, "big")).decode()
 
 
