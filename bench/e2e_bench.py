@@ -16,7 +16,9 @@ the process tree), the proxy's counters reset before each:
   target_tp=2, overwrite=True[, verify=False])`` against a Prefect server (the local stack,
   ``deployments/serve.sh``, started once for the benchmark); the upload streams while the
   ``.nemo`` is written (``CKPT_UPLOAD=stream``, the default) and is completed after verify;
-  ``flow-after``: the same with ``CKPT_UPLOAD=after`` (package, verify, then upload); the
+  ``flow-after``: the same with ``CKPT_UPLOAD=after`` (package, verify, then upload);
+  ``flow-verify-inline``: the same with ``CKPT_VERIFY_PROCESS=inline`` (verify imports torch and
+  runs in the flow's process, not in the verify process started with the run); the
   phases are the lineage record's timings (streamed: ``upload`` overlaps ``write`` and
   ``verify``, ``commit`` is what is left of it after verify); the floor's are ``copy`` and
   ``complete`` (closing the file: the last part and the multipart completion); phases are
@@ -90,14 +92,18 @@ VARIANTS = {
     "floor-overlap": "floor, reads overlapped with writes",
     "flow": "convert flow (verify)",
     "flow-noverify": "convert flow (verify=False)",
+    "flow-verify-inline": "convert flow, verify in the flow's process (CKPT_VERIFY_PROCESS=inline)",
     "flow-after": "convert flow, upload after verify (CKPT_UPLOAD=after)",
     "flow-threads": "convert flow, mapped (runner=threads)",
     "ckpt-s3": "ckpt convert s3:// → s3:// (no Prefect)",
     "download-convert-upload": "download → ckpt convert → upload",
     "naive": "naive: download → load all → cat → save → upload",
 }
-FLOW_VARIANTS = ("flow", "flow-noverify", "flow-after", "flow-threads")
-FLOW_ENV = {"flow-after": {"CKPT_UPLOAD": "after"}}
+FLOW_VARIANTS = ("flow", "flow-noverify", "flow-verify-inline", "flow-after", "flow-threads")
+FLOW_ENV = {
+    "flow-after": {"CKPT_UPLOAD": "after"},
+    "flow-verify-inline": {"CKPT_VERIFY_PROCESS": "inline"},
+}
 
 
 # -- infrastructure -----------------------------------------------------------------------------

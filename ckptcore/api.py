@@ -395,7 +395,7 @@ class VerifyReport:
     """``method``: ``"logits"`` (both models ran on the images and their logits were compared)
     or ``"same-weights"`` (every tensor of ``a`` equals ``b``'s bit for bit and both configs
     build the same network, so their logits are equal by construction: ``b`` ran on the images,
-    ``max_abs_diff`` is 0)."""
+    ``max_abs_diff`` is 0). ``device``: where the models ran."""
 
     a: str
     b: str
@@ -404,6 +404,7 @@ class VerifyReport:
     images: int
     passed: bool
     method: str = "logits"
+    device: str = "cpu"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -491,7 +492,7 @@ def verify(
     del mb
     if identical:
         ok = bool(torch.isfinite(lb).all())
-        return VerifyReport(a, b, 0.0, tolerance, images, ok, "same-weights")
+        return VerifyReport(a, b, 0.0, tolerance, images, ok, "same-weights", dev)
     ma = restore_model(a, cache=cache).to(dev)
     if ma.dims != dims:
         raise CkptError(b, f"model shape differs from {a}: {dims} vs {ma.dims}")
@@ -499,7 +500,7 @@ def verify(
     del ma
     diff = float((la - lb).abs().max())
     ok = diff <= tolerance and bool(torch.isfinite(la).all()) and bool(torch.isfinite(lb).all())
-    return VerifyReport(a, b, diff, tolerance, images, ok)
+    return VerifyReport(a, b, diff, tolerance, images, ok, "logits", dev)
 
 
 def _logits(model: Any, x: Any) -> Any:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from prefect import flow, runtime, unmapped
 from prefect.artifacts import create_table_artifact
@@ -56,8 +56,9 @@ from tasks.convert import (
     partition_is_present,
     partition_location,
     repartition,
+    start_verifier,
+    stop_verifier,
     verify_output,
-    warm_verify,
 )
 from tasks.items import (
     MappedPartition,
@@ -247,7 +248,35 @@ def convert_pipeline(
     kinds: tuple[str, ...] = ("ptl", "nemo", "nemo-dir"),
     runner: str | None = None,
 ) -> dict[str, str]:
-    """The steps of ``convert`` (and ``reshard``), called inside a flow run."""
+    """The steps of ``convert`` (and ``reshard``), called inside a flow run.
+
+    Verifying, a verify process starts first: it imports torch and the model while the steps
+    before verify run (see :func:`tasks.convert.start_verifier`)."""
+    verifier = start_verifier() if verify else None
+    try:
+        return _convert(
+            source, destination, checkpoint, target_tp, target_pp, precision, verify,
+            overwrite, tolerance, scratch_url, kinds, runner, verifier,
+        )  # fmt: skip
+    finally:
+        stop_verifier(verifier)
+
+
+def _convert(
+    source: str,
+    destination: str | None,
+    checkpoint: str,
+    target_tp: int | None,
+    target_pp: int | None,
+    precision: str,
+    verify: bool,
+    overwrite: bool,
+    tolerance: float,
+    scratch_url: str | None,
+    kinds: tuple[str, ...],
+    runner: str | None,
+    verifier: str | None,
+) -> dict[str, str]:
     listing = list_source(source, checkpoint)
     if listing.kind not in kinds:
         raise CkptError(source, f"is a {listing.kind} checkpoint; expected {' or '.join(kinds)}")
@@ -256,23 +285,21 @@ def convert_pipeline(
     )
     work = settings.work_dir()
     mode = settings.runner(runner)
+    check = _Check(verify, tolerance, verifier)
     if mode is not None:
         return _convert_mapped(
-            listing, destination, target_tp, target_pp, precision, verify, tolerance, work,
-            mode, scratch_url,
+            listing, destination, target_tp, target_pp, precision, check, work, mode, scratch_url
         )  # fmt: skip
     fetched = source_for_reading(listing, work)
     remote = None
     handed_over = repartition_remotely()
     if not handed_over and streams_upload(destination):
         return _convert_streamed(
-            listing, fetched, destination, target_tp, target_pp, precision, verify, tolerance, work
+            listing, fetched, destination, target_tp, target_pp, precision, check, work
         )  # fmt: skip
     if handed_over:
         scratch = settings.scratch_url(scratch_url)
         location = partition_location(scratch, fetched, target_tp, target_pp, precision)
-        if verify:
-            warm_verify()  # this process only waits for the child run meanwhile
         remote = run_repartition_deployment(
             listing, fetched, target_tp, target_pp, precision, location
         )
@@ -285,7 +312,16 @@ def convert_pipeline(
     record = start_lineage(listing, fetched, partition, destination, remote)
     packaged = package(partition, record, work, destination.rsplit("/", 1)[-1])
     files = _work_files(listing, work, partition, location, packaged)
-    return _verify_and_publish(listing, fetched, packaged, record, verify, tolerance, work, files)
+    return _verify_and_publish(listing, fetched, packaged, record, check, work, files)
+
+
+@dataclass(frozen=True)
+class _Check:
+    """Whether to verify, within what tolerance, in which verify process (if any)."""
+
+    verify: bool
+    tolerance: float
+    verifier: str | None
 
 
 def _verify_and_publish(
@@ -293,8 +329,7 @@ def _verify_and_publish(
     fetched: FetchedCheckpoint,
     packaged: Packaged,
     record: LineageRecord,
-    verify: bool,
-    tolerance: float,
+    check: _Check,
     work: str,
     work_files: list[str],
     pending: str | None = None,
@@ -304,7 +339,11 @@ def _verify_and_publish(
     clean-work. ``streamed``: ``packaged`` came from write-nemo, whose upload ``pending`` names;
     it is completed by upload, or aborted when anything here fails first."""
     try:
-        verified = verify_output(fetched, packaged, tolerance) if verify else None
+        verified = (
+            verify_output(fetched, packaged, check.tolerance, check.verifier)
+            if check.verify
+            else None
+        )
         final = finish_lineage(record, packaged, verified, streamed=streamed)
         upload = upload_task(record.destination, listing.root, streamed=streamed)
         uploaded = (
@@ -324,8 +363,7 @@ def _convert_streamed(
     target_tp: int | None,
     target_pp: int | None,
     precision: str,
-    verify: bool,
-    tolerance: float,
+    check: _Check,
     work: str,
 ) -> dict[str, str]:
     """``convert_pipeline`` with the upload following the write (see the module doc)."""
@@ -334,7 +372,7 @@ def _convert_streamed(
     if not listing.local:
         files += [fetch_location(listing, work), cache_location(listing, work)]
     return _verify_and_publish(
-        listing, fetched, written.packaged, written.record, verify, tolerance, work, files,
+        listing, fetched, written.packaged, written.record, check, work, files,
         pending=written.upload, streamed=True,
     )  # fmt: skip
 
@@ -345,8 +383,7 @@ def _convert_mapped(
     target_tp: int | None,
     target_pp: int | None,
     precision: str,
-    verify: bool,
-    tolerance: float,
+    check: _Check,
     work: str,
     runner: str,
     scratch_url: str | None,
@@ -359,9 +396,7 @@ def _convert_mapped(
     record = replace(record, notes=[*record.notes, mapped.note()])
     packaged = package_staged(partition, record, work, destination.rsplit("/", 1)[-1])
     files = [os.path.dirname(packaged.path), partition.url, *_cache(fetched)]
-    summary = _verify_and_publish(
-        listing, fetched, packaged, record, verify, tolerance, work, files
-    )
+    summary = _verify_and_publish(listing, fetched, packaged, record, check, work, files)
     staging = partition.url.rsplit("/", 1)[0]
     if is_local(staging) and not _under(local_path(partition.url), work):
         clean_work(staging, [partition.url])  # a shared staging folder outside the work folder

@@ -18,13 +18,14 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 
 from ckptcore import api, lineage
 from ckptcore.api import package_nemo, plan_conversion, write_rank_files
 from ckptcore.errors import CkptError
 from ckptcore.sources import open_checkpoint
 from ckptcore.storage import get_fs, is_local, join, local_path
+from ckptcore.verify_process import VerifyProcess, VerifyProcessGone
 from tasks import settings
 from tasks.cache import ContentCache
 from tasks.progress import Progress
@@ -256,43 +257,65 @@ class Verified:
     seconds: float
 
 
-def warm_verify() -> threading.Thread:
-    """Import what verify needs (torch and the reference model, 1-2 s) on a helper thread,
-    where this process would otherwise only wait (for the repartition run it handed off);
-    verify's own import then finds the modules loaded, or waits for the import in progress.
+_VERIFIERS: dict[str, VerifyProcess] = {}
+_VERIFIERS_LOCK = threading.Lock()
 
-    Not during the streamed write: there every core is busy moving bytes, and the import
-    lengthened the write by more than it took off verify (measured: ~1.5 s vs ~0.5 s)."""
 
-    def load() -> None:
-        try:
-            import torch  # noqa: F401
+def start_verifier() -> str | None:
+    """Start a :class:`ckptcore.verify_process.VerifyProcess` for this run's verify step; the
+    key that names it (None: ``CKPT_VERIFY_PROCESS=inline``, or it could not start).
 
-            import ckptcore.model.vit  # noqa: F401
-        except Exception:  # noqa: BLE001 - verify imports again and reports the failure
-            pass
+    Its imports (torch and the reference model, ~2 s of CPU) then run in another process
+    while this one lists, opens and converts the source, and hold none of this process's
+    GIL: a helper thread doing the same slowed listing and writing by more than it saved."""
+    if settings.verify_process() != "warm":
+        return None
+    try:
+        proc = VerifyProcess()
+    except OSError as e:
+        get_run_logger().warning("no verify process (%s): verifying in this process", e)
+        return None
+    key = uuid.uuid4().hex
+    with _VERIFIERS_LOCK:
+        _VERIFIERS[key] = proc
+    return key
 
-    thread = threading.Thread(target=load, name="ckpt-warm-verify", daemon=True)
-    thread.start()
-    return thread
+
+def stop_verifier(key: str | None) -> None:
+    """End the verify process ``key`` names (if it is still there)."""
+    if key is None:
+        return
+    with _VERIFIERS_LOCK:
+        proc = _VERIFIERS.pop(key, None)
+    if proc is not None:
+        proc.close()
 
 
 def verify_models(
-    fetched: FetchedCheckpoint, packaged: Packaged, tolerance: float = 1e-5
+    fetched: FetchedCheckpoint,
+    packaged: Packaged,
+    tolerance: float = 1e-5,
+    verifier: str | None = None,
 ) -> Verified:
-    """Source and ``.nemo`` on the same images; ``CkptError`` if the logits differ."""
-    start = time.perf_counter()
-    import torch
+    """Source and ``.nemo`` on the same images; ``CkptError`` if the logits differ.
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    report = api.verify(
-        fetched.open_url,
-        packaged.path,
-        tolerance=tolerance,
-        images=settings.verify_images(),
-        device=device,
-        cache=fetched.cache_dir,
+    In the verify process ``verifier`` names when there is one, else here; either way on the
+    GPU where there is one."""
+    start = time.perf_counter()
+    with _VERIFIERS_LOCK:
+        proc = _VERIFIERS.get(verifier) if verifier else None
+    args = (fetched.open_url, packaged.path)
+    kwargs: dict[str, Any] = dict(
+        tolerance=tolerance, images=settings.verify_images(), cache=fetched.cache_dir
     )
+    report = None
+    if proc is not None:
+        try:
+            report = proc.verify(*args, **kwargs)
+        except VerifyProcessGone as e:
+            get_run_logger().warning("%s: verifying in this process", e)
+    if report is None:
+        report = api.verify(*args, **kwargs)
     if not report.passed:
         raise CkptError(
             packaged.path,
@@ -304,7 +327,7 @@ def verify_models(
         tolerance=report.tolerance,
         images=report.images,
         passed=report.passed,
-        device=device,
+        device=report.device,
         method=report.method,
     )
     return Verified(info, time.perf_counter() - start)
@@ -312,7 +335,11 @@ def verify_models(
 
 @task(name="verify")
 def verify_output(
-    fetched: FetchedCheckpoint, packaged: Packaged, tolerance: float = 1e-5
+    fetched: FetchedCheckpoint,
+    packaged: Packaged,
+    tolerance: float = 1e-5,
+    verifier: str | None = None,
 ) -> Verified:
-    """Logits of source and output on deterministic images must agree within ``tolerance``."""
-    return verify_models(fetched, packaged, tolerance)
+    """Logits of source and output on deterministic images must agree within ``tolerance``
+    (in the verify process ``verifier`` names, see :func:`start_verifier`)."""
+    return verify_models(fetched, packaged, tolerance, verifier)

@@ -1,0 +1,159 @@
+"""``api.verify`` in a child Python process started ahead of time.
+
+Verifying needs torch and the reference model, ~2 s of imports on a small machine that a
+conversion itself does not need (its engine moves bytes, not tensors). Started when a run
+begins, the child imports them while the run lists and opens its source, and waits; when the
+output is written, :meth:`VerifyProcess.verify` hands it the paths and gets the report back.
+The import then costs the run no time, and it never holds the parent's GIL (a helper thread
+did: it slowed the very steps it was meant to overlap).
+
+The child reads one JSON request per line on stdin and answers one JSON line on a dedicated
+pipe (its stdout goes to stderr, so nothing a library prints can garble an answer). A
+``CkptError`` or ``StorageError`` in the child is raised again here, as itself; anything else
+as a ``RuntimeError`` with the child's traceback. The child exits when its stdin closes, so
+it never outlives the process that started it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import traceback
+from typing import Any
+
+from ckptcore.errors import CkptError, StorageError
+
+__all__ = ["VerifyProcess", "VerifyProcessGone"]
+
+
+class VerifyProcessGone(RuntimeError):
+    """The child had exited before a request was sent (verify in this process instead)."""
+
+
+class VerifyProcess:
+    """A child process ready to run :func:`ckptcore.api.verify`; one request at a time."""
+
+    def __init__(self) -> None:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "ckptcore.verify_process"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+            text=True,
+        )
+        self._lock = threading.Lock()
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    def alive(self) -> bool:
+        return self._proc.poll() is None
+
+    def verify(
+        self,
+        a: str,
+        b: str,
+        tolerance: float = 1e-5,
+        images: int = 4,
+        device: str | None = None,
+        cache: str | None = None,
+        run_both: bool = False,
+    ) -> Any:
+        """:func:`ckptcore.api.verify` with these arguments, run in the child; its report.
+
+        ``cache`` is the range cache's folder (the child opens it again). Raises
+        :class:`VerifyProcessGone` if the child is gone before the request is sent."""
+        from ckptcore.api import VerifyReport
+
+        request = dict(
+            a=a, b=b, tolerance=tolerance, images=images, device=device, cache=cache,
+            run_both=run_both,
+        )  # fmt: skip
+        with self._lock:
+            stdin, stdout = self._proc.stdin, self._proc.stdout
+            assert stdin is not None and stdout is not None
+            try:
+                if self._proc.poll() is not None:
+                    raise BrokenPipeError
+                stdin.write(json.dumps(request) + "\n")
+                stdin.flush()
+            except (BrokenPipeError, ValueError, OSError) as e:
+                raise VerifyProcessGone(
+                    f"the verify process {self._proc.pid} exited with {self._proc.poll()}"
+                ) from e
+            line = stdout.readline()
+            if not line:
+                code = self._proc.wait()
+                raise RuntimeError(f"the verify process exited with {code} while verifying {b}")
+        answer = json.loads(line)
+        if "report" in answer:
+            return VerifyReport(**answer["report"])
+        error = answer.get("error")
+        if error == "CkptError":
+            raise CkptError(answer["path"], answer["problem"], answer.get("key"))
+        if error == "StorageError":
+            raise StorageError(answer["path"], answer["problem"])
+        raise RuntimeError(f"verify failed in its process:\n{answer.get('traceback', answer)}")
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Let the child exit (stdin closed), killing it if it does not within ``timeout``."""
+        if self._proc.stdin is not None and not self._proc.stdin.closed:
+            try:
+                self._proc.stdin.close()
+            except OSError:
+                pass
+        try:
+            self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        if self._proc.stdout is not None:
+            self._proc.stdout.close()
+
+    def __enter__(self) -> VerifyProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _answer(request: dict[str, Any]) -> dict[str, Any]:
+    from ckptcore import api
+
+    try:
+        return {"report": api.verify(**request).to_dict()}
+    except CkptError as e:
+        return {"error": "CkptError", "path": e.path, "problem": e.problem, "key": e.key}
+    except StorageError as e:
+        return {"error": "StorageError", "path": e.path, "problem": e.problem}
+    except Exception:  # noqa: BLE001 - a bug: the parent raises it with this traceback
+        return {"error": "bug", "traceback": traceback.format_exc()}
+
+
+def _serve() -> int:
+    answers = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # prints go to stderr, not the answers
+    import torch  # noqa: F401 - the point: imported while the parent still works
+
+    import ckptcore.api  # noqa: F401
+    import ckptcore.model.vit  # noqa: F401
+
+    for line in sys.stdin:
+        if line.strip():
+            answers.write(json.dumps(_answer(json.loads(line))) + "\n")
+            answers.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(_serve())
+    except KeyboardInterrupt:  # the parent's terminal was interrupted: it reports that
+        sys.exit(130)

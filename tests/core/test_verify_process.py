@@ -1,0 +1,60 @@
+"""``ckptcore.verify_process``: ``api.verify`` in a child started ahead of time gives the same
+report, raises the same one-line errors, and never outlives its parent's pipe."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from ckptcore import api
+from ckptcore.errors import CkptError
+from ckptcore.sample import vit_config, write_nemo
+from ckptcore.verify_process import VerifyProcess, VerifyProcessGone
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory) -> tuple[str, str]:
+    tmp = tmp_path_factory.mktemp("verify-process")
+    a, b = str(tmp / "a.nemo"), str(tmp / "b.nemo")
+    write_nemo(a, vit_config("tiny"))
+    api.convert(a, b, target_tp=2)
+    return a, b
+
+
+def test_the_child_reports_what_verify_reports(pair) -> None:
+    a, b = pair
+    with VerifyProcess() as proc:
+        for run_both in (False, True):
+            got = proc.verify(a, b, images=2, run_both=run_both)
+            assert got == api.verify(a, b, images=2, run_both=run_both)
+        assert got.method == "logits" and got.passed and got.device == "cpu"
+
+
+def test_a_user_error_in_the_child_is_a_one_line_ckpt_error(pair, tmp_path) -> None:
+    _, b = pair
+    missing = str(tmp_path / "nothing-here")
+    with VerifyProcess() as proc:
+        with pytest.raises(CkptError) as info:
+            proc.verify(missing, b)
+        assert info.value.path == missing and "\n" not in str(info.value)
+        assert proc.alive()  # and it serves the next request
+        assert proc.verify(*pair, images=1).passed
+
+
+def test_a_dead_child_is_reported_before_sending(pair) -> None:
+    proc = VerifyProcess()
+    try:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc._proc.wait()
+        with pytest.raises(VerifyProcessGone, match=str(proc.pid)):
+            proc.verify(*pair)
+    finally:
+        proc.close()
+
+
+def test_the_child_exits_when_its_parent_closes_the_pipe() -> None:
+    proc = VerifyProcess()
+    proc.close(timeout=60)
+    assert proc._proc.returncode == 0

@@ -1,0 +1,44 @@
+"""The convert flow verifies in the verify process it starts with the run (``warm``, the
+default) or in its own process (``CKPT_VERIFY_PROCESS=inline``); the process ends with the run."""
+
+from __future__ import annotations
+
+import pytest
+
+import ckptcore.api
+import ckptcore.verify_process
+import tasks.convert
+from flows.convert import convert_vit
+
+
+@pytest.mark.usefixtures("prefect_api")
+@pytest.mark.parametrize("mode", ["warm", "inline"])
+def test_verify_runs_in_the_verify_process_which_ends_with_the_run(
+    s3, work_dir, prefix, sample_factory, monkeypatch, mode
+):
+    monkeypatch.setenv("CKPT_VERIFY_PROCESS", mode)
+    src = f"s3://ckpt-training/{prefix}/checkpoints"
+    dest = f"s3://ckpt-models/{prefix}/vit.nemo"
+    sample_factory(s3, src, tp=2)
+    started: list[ckptcore.verify_process.VerifyProcess] = []
+    real_init = ckptcore.verify_process.VerifyProcess.__init__
+
+    def recording_init(self) -> None:
+        real_init(self)
+        started.append(self)
+
+    monkeypatch.setattr(ckptcore.verify_process.VerifyProcess, "__init__", recording_init)
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("verify ran in the flow's process")
+
+    if mode == "warm":  # the verify process is another interpreter: this patch is not there
+        monkeypatch.setattr(ckptcore.api, "verify", not_here)
+    state = convert_vit(source=src, destination=dest, target_tp=1, return_state=True)
+
+    assert state.is_completed(), state.message
+    assert state.result()["verify-passed"] == "true"
+    assert s3.exists(dest)
+    assert len(started) == (1 if mode == "warm" else 0)
+    assert all(p._proc.returncode == 0 for p in started)  # ended (stdin closed), not killed
+    assert tasks.convert._VERIFIERS == {}
