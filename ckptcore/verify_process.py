@@ -102,13 +102,20 @@ class VerifyProcess:
             raise StorageError(answer["path"], answer["problem"])
         raise RuntimeError(f"verify failed in its process:\n{answer.get('traceback', answer)}")
 
-    def close(self, timeout: float = 5.0) -> None:
-        """Let the child exit (stdin closed), killing it if it does not within ``timeout``."""
+    def close(self, timeout: float = 5.0, wait: bool = True) -> None:
+        """Let the child exit (stdin closed), killing it if it does not within ``timeout``;
+        ``wait=False``: return at once, a helper thread waits for it."""
         if self._proc.stdin is not None and not self._proc.stdin.closed:
             try:
                 self._proc.stdin.close()
             except OSError:
                 pass
+        if wait:
+            self._reap(timeout)
+        else:
+            threading.Thread(target=self._reap, args=(timeout,), daemon=True).start()
+
+    def _reap(self, timeout: float) -> None:
         try:
             self._proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -154,6 +161,9 @@ def _serve() -> int:
 
 if __name__ == "__main__":
     try:
-        sys.exit(_serve())
+        code = _serve()
     except KeyboardInterrupt:  # the parent's terminal was interrupted: it reports that
-        sys.exit(130)
+        code = 130
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # no interpreter teardown (torch's takes a while): nothing is left to save

@@ -339,11 +339,10 @@ def _verify_and_publish(
     clean-work. ``streamed``: ``packaged`` came from write-nemo, whose upload ``pending`` names;
     it is completed by upload, or aborted when anything here fails first."""
     try:
-        verified = (
-            verify_output(fetched, packaged, check.tolerance, check.verifier)
-            if check.verify
-            else None
-        )
+        verified = None
+        if check.verify:
+            verified = verify_output(fetched, packaged, check.tolerance, check.verifier)
+            stop_verifier(check.verifier)  # its memory back before the upload completes
         final = finish_lineage(record, packaged, verified, streamed=streamed)
         upload = upload_task(record.destination, listing.root, streamed=streamed)
         uploaded = (

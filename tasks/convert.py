@@ -282,13 +282,13 @@ def start_verifier() -> str | None:
 
 
 def stop_verifier(key: str | None) -> None:
-    """End the verify process ``key`` names (if it is still there)."""
+    """Let the verify process ``key`` names exit (if it is still there); returns at once."""
     if key is None:
         return
     with _VERIFIERS_LOCK:
         proc = _VERIFIERS.pop(key, None)
     if proc is not None:
-        proc.close()
+        proc.close(wait=False)
 
 
 def verify_models(

@@ -54,7 +54,8 @@ def test_a_dead_child_is_reported_before_sending(pair) -> None:
         proc.close()
 
 
-def test_the_child_exits_when_its_parent_closes_the_pipe() -> None:
+@pytest.mark.parametrize("wait", [True, False])
+def test_the_child_exits_when_its_parent_closes_the_pipe(wait) -> None:
     proc = VerifyProcess()
-    proc.close(timeout=60)
-    assert proc._proc.returncode == 0
+    proc.close(timeout=60, wait=wait)
+    assert proc._proc.wait(60) == 0

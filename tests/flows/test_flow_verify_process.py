@@ -40,5 +40,5 @@ def test_verify_runs_in_the_verify_process_which_ends_with_the_run(
     assert state.result()["verify-passed"] == "true"
     assert s3.exists(dest)
     assert len(started) == (1 if mode == "warm" else 0)
-    assert all(p._proc.returncode == 0 for p in started)  # ended (stdin closed), not killed
+    assert all(p._proc.wait(60) == 0 for p in started)  # ended (stdin closed), not killed
     assert tasks.convert._VERIFIERS == {}
