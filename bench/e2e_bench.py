@@ -543,6 +543,42 @@ def child_naive(spec: dict) -> dict:
     return {"work_s": time.perf_counter() - t0, "phases": phases}
 
 
+def _first_states(client, flow_run_id) -> dict[str, float]:
+    """{state type: when the run first entered it}."""
+    states: dict[str, float] = {}
+    for s in client.read_flow_run_states(flow_run_id):
+        states.setdefault(s.type.value, s.timestamp.timestamp())
+    return states
+
+
+def _subflow_spans(client, flow_run_id, parent: dict[str, float]) -> dict:
+    """Where a run that handed work to a deployment spent its body: before the child run was
+    created, the child's wait for a worker, its process start and body, and the parent's work
+    after the child completed (empty when the run had no child run)."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    children = client.read_flow_runs(
+        flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])
+        )
+    )
+    if not children:
+        return {}
+    child = children[0]
+    st = _first_states(client, child.id)
+    created = child.created.timestamp() if child.created else st.get("SCHEDULED", 0)
+    done = st.get("COMPLETED", created)
+    return {
+        "child_s": {
+            "before": created - parent.get("RUNNING", created),
+            "pickup": st.get("PENDING", created) - created,
+            "start": st.get("RUNNING", done) - st.get("PENDING", done),
+            "body": done - st.get("RUNNING", done),
+            "after": parent.get("COMPLETED", done) - done,
+        }
+    }
+
+
 def child_overhead(spec: dict) -> dict:
     """Deployment runs: submit with run_deployment(timeout=0), poll every 0.1 s until final."""
     from prefect.client.orchestration import get_client
@@ -567,11 +603,10 @@ def child_overhead(spec: dict) -> dict:
                     break
                 time.sleep(0.1)
             done = time.time()
-            states = {}
-            for s in client.read_flow_run_states(fr.id):
-                states.setdefault(s.type.value, s.timestamp.timestamp())
+            states = _first_states(client, fr.id)
             runs.append(
                 {
+                    **_subflow_spans(client, fr.id, states),
                     "warmup": i < spec["warmup"],
                     "state": run.state.type.value,
                     "total_s": done - t0,
@@ -953,6 +988,16 @@ def overhead_table(o: dict) -> str:
             f"{c['flow'][0]:.1f} s as a process's first call). Against ckptcore alone "
             f"({api:.1f} s): {total - api:.1f} s per run; against the warm in-process flow call: "
             f"{total - warm_flow:.1f} s.",
+        ]
+    a = o.get("deployment-as-deployed")
+    spans = [x["child_s"] for x in (a or {}).get("runs", []) if not x["warmup"] and "child_s" in x]
+    if spans:
+        parts = ", ".join(f"{k} {statistics.median(x[k] for x in spans):.1f}" for k in spans[0])
+        lines += [
+            "",
+            f"As deployed, the convert run's body (medians, s): before the repartition run is "
+            f"created, then that run's pickup, process start and body, then the convert run "
+            f"after it completed: {parts}.",
         ]
     return "\n".join(lines)
 

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -263,12 +264,16 @@ _VERIFIERS_LOCK = threading.Lock()
 
 def start_verifier() -> str | None:
     """Start a :class:`ckptcore.verify_process.VerifyProcess` for this run's verify step; the
-    key that names it (None: ``CKPT_VERIFY_PROCESS=inline``, or it could not start).
+    key that names it (None: ``CKPT_VERIFY_PROCESS=inline``, or ``auto`` in a process that
+    has torch imported already, or it could not start).
 
     Its imports (torch and the reference model, ~2 s of CPU) then run in another process
     while this one lists, opens and converts the source, and hold none of this process's
-    GIL: a helper thread doing the same slowed listing and writing by more than it saved."""
-    if settings.verify_process() != "warm":
+    GIL: a helper thread doing the same slowed listing and writing by more than it saved.
+    Where torch is imported already, verifying here costs no import: a process would only
+    add its start and a second opening of the source."""
+    mode = settings.verify_process()
+    if mode == "inline" or (mode == "auto" and "torch" in sys.modules):
         return None
     try:
         proc = VerifyProcess()

@@ -12,7 +12,7 @@
 | ``CKPT_RETRY_BACKOFF`` | ``2`` | first retry delay in seconds, doubled each time (``0`` in tests) |
 | ``CKPT_UPLOAD_CHUNK_BYTES`` | ``67108864`` | multipart part size for S3 uploads (S3 needs >= 5 MiB) |
 | ``CKPT_VERIFY_IMAGES`` | ``1`` | images the verify step runs through source and output (each costs one forward pass of each model; one image already uses every weight, so a wrong one shows) |
-| ``CKPT_VERIFY_PROCESS`` | ``warm`` | ``warm``: a run that verifies starts a child process when it begins, which imports torch and the reference model (~2 s) while the run lists, opens and converts, then verifies there; ``inline``: verify in the flow's process |
+| ``CKPT_VERIFY_PROCESS`` | ``auto`` | ``warm``: a run that verifies starts a child process when it begins, which imports torch and the reference model (~2 s) while the run lists, opens and converts, then verifies there; ``inline``: verify in the flow's process; ``auto``: ``warm`` unless torch is already imported in the flow's process (a warm process that ran flows before: nothing left to gain) |
 | ``CKPT_UPLOAD`` | ``stream`` | how ``convert`` (repartitioning in-process) uploads to ``s3://``: ``stream`` writes the ``.nemo`` once, locally, while a multipart upload follows the file, completed only once verify passed (aborted otherwise); the object's metadata then lacks the output's sha256 and the verify result (the sidecar has them). ``after``: package, verify, then upload with the full metadata |
 | ``CKPT_READ_CONCURRENCY`` | ``4`` | ranged GETs in flight per source object while reading a remote source in place (read by ckptcore; each holds up to 64 MiB, within a 256 MiB read-ahead per object) |
 | ``CKPT_UPLOAD_CHECKSUM`` | ``crc32`` | S3 additional checksum of the streamed ``.nemo`` upload: ``crc32`` sends each part's CRC-32 (the store checks it and keeps the object's composite checksum), ``none`` only ETags (for S3-compatible stores without additional checksums) |
@@ -126,10 +126,10 @@ def verify_images() -> int:
 
 
 def verify_process() -> str:
-    """``warm`` (default) or ``inline``: see ``CKPT_VERIFY_PROCESS``."""
-    mode = os.environ.get("CKPT_VERIFY_PROCESS", "warm").strip() or "warm"
-    if mode not in ("warm", "inline"):
-        raise CkptError(None, f"CKPT_VERIFY_PROCESS={mode!r}: expected warm or inline")
+    """``auto`` (default), ``warm`` or ``inline``: see ``CKPT_VERIFY_PROCESS``."""
+    mode = os.environ.get("CKPT_VERIFY_PROCESS", "auto").strip() or "auto"
+    if mode not in ("auto", "warm", "inline"):
+        raise CkptError(None, f"CKPT_VERIFY_PROCESS={mode!r}: expected auto, warm or inline")
     return mode
 
 

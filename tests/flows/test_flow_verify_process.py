@@ -1,5 +1,6 @@
-"""The convert flow verifies in the verify process it starts with the run (``warm``, the
-default) or in its own process (``CKPT_VERIFY_PROCESS=inline``); the process ends with the run."""
+"""The convert flow verifies in the verify process it starts with the run (``warm``) or in its
+own process (``inline``, and ``auto`` where torch is imported already); the process ends with
+the run."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from flows.convert import convert_vit
 
 
 @pytest.mark.usefixtures("prefect_api")
-@pytest.mark.parametrize("mode", ["warm", "inline"])
+@pytest.mark.parametrize("mode", ["warm", "inline", "auto"])
 def test_verify_runs_in_the_verify_process_which_ends_with_the_run(
     s3, work_dir, prefix, sample_factory, monkeypatch, mode
 ):
@@ -39,6 +40,7 @@ def test_verify_runs_in_the_verify_process_which_ends_with_the_run(
     assert state.is_completed(), state.message
     assert state.result()["verify-passed"] == "true"
     assert s3.exists(dest)
+    # auto: torch is imported in this process (the tests import it), so verify runs here
     assert len(started) == (1 if mode == "warm" else 0)
     assert all(p._proc.wait(60) == 0 for p in started)  # ended (stdin closed), not killed
     assert tasks.convert._VERIFIERS == {}

@@ -23,3 +23,20 @@ def test_flow_modules_load_without_torch() -> None:
         "import flows.convert, flows.repartition, flows.reshard\n"
         "assert 'torch' not in sys.modules, 'a flow module imports torch at load time'\n"
     )
+
+
+def test_a_fresh_flow_process_verifies_in_a_verify_process_a_warm_one_in_itself() -> None:
+    """``CKPT_VERIFY_PROCESS=auto``: the verify process pays off only while torch is not yet
+    imported here (its point is importing it elsewhere, meanwhile)."""
+    _python(
+        "import os, sys\n"
+        "os.environ.pop('CKPT_VERIFY_PROCESS', None)\n"
+        "from tasks.convert import _VERIFIERS, start_verifier, stop_verifier\n"
+        "key = start_verifier()\n"
+        "assert key is not None and _VERIFIERS[key].alive()\n"
+        "proc = _VERIFIERS[key]._proc\n"
+        "stop_verifier(key)\n"
+        "assert proc.wait(60) == 0\n"
+        "import torch\n"
+        "assert start_verifier() is None\n"
+    )

@@ -16,7 +16,7 @@ from tasks import settings
         ("CKPT_UPLOAD_CHUNK_BYTES", "1024", settings.upload_chunk_bytes, "must be >= 5 MiB"),
         ("CKPT_UPLOAD_CONCURRENCY", "0", settings.upload_concurrency, "must be at least 1"),
         ("CKPT_VERIFY_IMAGES", "many", settings.verify_images, "is not a number"),
-        ("CKPT_VERIFY_PROCESS", "child", settings.verify_process, "expected warm or inline"),
+        ("CKPT_VERIFY_PROCESS", "child", settings.verify_process, "expected auto, warm or inline"),
     ],
 )
 def test_a_bad_value_names_the_variable(monkeypatch, name, raw, read, message):
