@@ -11,14 +11,14 @@ from __future__ import annotations
 import collections
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
 from ckptcore.errors import CkptError, StorageError, storage_error
 from ckptcore.formats import nemo as nemo_fmt
-from ckptcore.formats.ptl import find_checkpoint
+from ckptcore.formats.ptl import PtlCheckpoint, find_checkpoint
 from ckptcore.formats.safe_pickle import TensorRef, to_plain
 from ckptcore.formats.torchzip import TensorSpec, TorchFile, state_dict_of
 from ckptcore.layout import parse_rank_folder, rank_folder
@@ -206,21 +206,42 @@ def _torch_rank(src: ByteSource, tp_rank: int, pp_rank: int) -> tuple[SourceRank
 
 def _open_ranks(
     files: list[tuple[tuple[int, int], str]], cache: RangeCache | None
-) -> list[tuple[SourceRank, Any]]:
+) -> list[tuple[ByteSource, SourceRank, Any]]:
     """Open each rank file (zip directory, pickle, local headers). Objects in remote storage
     are opened concurrently: each takes a few round trips, which then overlap; the first
-    failure in rank order is raised."""
+    failure in rank order is raised, with every file opened so far closed again."""
 
-    def one(item: tuple[tuple[int, int], str]) -> tuple[SourceRank, Any]:
+    def one(item: tuple[tuple[int, int], str]) -> tuple[ByteSource, SourceRank, Any]:
         rank, url = item
-        return _torch_rank(open_guarded(url, cache), *rank)
+        src = open_guarded(url, cache)
+        try:
+            return (src, *_torch_rank(src, *rank))
+        except BaseException:
+            src.close()
+            raise
 
     if len(files) == 1 or all(is_local(url) for _, url in files):
-        return [one(item) for item in files]
+        opened: list[tuple[ByteSource, SourceRank, Any]] = []
+        try:
+            for item in files:
+                opened.append(one(item))
+        except BaseException:
+            _close_all(src for src, _, _ in opened)
+            raise
+        return opened
     with ThreadPoolExecutor(min(8, len(files)), thread_name_prefix="ckpt-open") as pool:
         futures = [pool.submit(one, item) for item in files]
         wait(futures)
+    failed = next((f for f in futures if f.exception() is not None), None)
+    if failed is not None:
+        _close_all(f.result()[0] for f in futures if f.exception() is None)
+        failed.result()  # raises it
     return [f.result() for f in futures]
+
+
+def _close_all(sources: Iterable[ByteSource]) -> None:
+    for src in sources:
+        src.close()
 
 
 def _check_metadata(meta: Any, path: str) -> dict | None:
@@ -303,13 +324,24 @@ def open_checkpoint(
 
 def _open_ptl(folder: str, checkpoint: str, cache: RangeCache | None = None) -> Checkpoint:
     found = find_checkpoint(folder, checkpoint)
+    opened = _open_ranks(sorted(found.files.items()), cache)
+    try:
+        ck = _assemble_ptl(folder, found, opened)
+    except BaseException:
+        _close_all(src for src, _, _ in opened)
+        raise
+    ck._cleanup.extend(src.close for src, _, _ in opened)
+    return ck
+
+
+def _assemble_ptl(
+    folder: str, found: PtlCheckpoint, opened: list[tuple[ByteSource, SourceRank, Any]]
+) -> Checkpoint:
     ranks: dict[tuple[int, int], SourceRank] = {}
     steps: dict[str, Any] = {}
     config: dict | None = None
     epoch = None
-    for (rank, url), (sr, obj) in zip(
-        sorted(found.files.items()), _open_ranks(sorted(found.files.items()), cache), strict=True
-    ):
+    for (rank, url), (_, sr, obj) in zip(sorted(found.files.items()), opened, strict=True):
         if not isinstance(obj, dict) or "state_dict" not in obj:
             raise CkptError(url, "not a Lightning checkpoint (no state_dict)")
         hp = obj.get("hyper_parameters")
@@ -361,6 +393,20 @@ def _rank_of_member(rel: str, archive: str) -> tuple[int, int] | None:
 def _assemble_nemo(
     url: str, config: dict, rank_sources: dict[tuple[int, int], ByteSource], kind: str
 ) -> Checkpoint:
+    """The checkpoint of a ``.nemo``'s rank files; it closes them (here, if this fails)."""
+    sources = list(rank_sources.values())
+    try:
+        ck = _nemo_ranks(url, config, dict(rank_sources), kind)
+    except BaseException:
+        _close_all(sources)
+        raise
+    ck._cleanup.extend(src.close for src in sources)
+    return ck
+
+
+def _nemo_ranks(
+    url: str, config: dict, rank_sources: dict[tuple[int, int], ByteSource], kind: str
+) -> Checkpoint:
     if not rank_sources:
         raise CkptError(url, "no model_weights.ckpt in the archive")
     if (0, -1) in rank_sources:
@@ -391,6 +437,20 @@ def _check_unique(url: str, rank: tuple[int, int], rel: str, where: dict) -> Non
 
 def _open_nemo_file(url: str, cache: RangeCache | None = None) -> Checkpoint:
     src = open_guarded(url, cache)
+    try:
+        ck, extracted = _read_nemo_file(url, src)
+    except BaseException:
+        src.close()
+        raise
+    if extracted:  # the checkpoint reads the extracted folder, never the archive again
+        src.close()
+    else:
+        ck._cleanup.append(src.close)
+    return ck
+
+
+def _read_nemo_file(url: str, src: ByteSource) -> tuple[Checkpoint, bool]:
+    """The checkpoint in the archive ``src``, and whether it was extracted (gzip)."""
     if nemo_fmt.is_gzip(src):
         tmp = tempfile.TemporaryDirectory(prefix="ckpt-nemo-")
         try:
@@ -405,7 +465,7 @@ def _open_nemo_file(url: str, cache: RangeCache | None = None) -> Checkpoint:
         ck.url = url
         ck.files = [(url, src.size)]
         ck._cleanup.append(tmp.cleanup)
-        return ck
+        return ck, True
     members = nemo_fmt.index_tar(src)
     if nemo_fmt.CONFIG_NAME not in members:
         raise CkptError(url, "not a .nemo archive: no model_config.yaml member")
@@ -420,7 +480,7 @@ def _open_nemo_file(url: str, cache: RangeCache | None = None) -> Checkpoint:
             rank_sources[rank] = nemo_fmt.member_source(src, member, url)
     ck = _assemble_nemo(url, config, rank_sources, "nemo")
     ck.files = [(url, src.size)]
-    return ck
+    return ck, False
 
 
 def _open_nemo_dir(
@@ -449,18 +509,22 @@ def _open_nemo_dir(
     rank_sources: dict[tuple[int, int], ByteSource] = {}
     files = []
     where: dict[tuple[int, int], str] = {}
-    for entry in entries:
-        rel = entry["name"][len(root.rstrip("/")) + 1 :]
-        rank = _rank_of_member(rel, shown)
-        if rank is None:
-            continue
-        _check_unique(shown, rank, rel, where)
-        if is_local(url):
-            src: ByteSource = LocalFile(entry["name"], f"{shown}/{rel}")
-        else:
-            src = open_guarded(f"{url.rstrip('/')}/{rel}", cache)
-        rank_sources[rank] = src
-        files.append((f"{shown.rstrip('/')}/{rel}", int(entry.get("size") or 0)))
+    try:
+        for entry in entries:
+            rel = entry["name"][len(root.rstrip("/")) + 1 :]
+            rank = _rank_of_member(rel, shown)
+            if rank is None:
+                continue
+            _check_unique(shown, rank, rel, where)
+            if is_local(url):
+                src: ByteSource = LocalFile(entry["name"], f"{shown}/{rel}")
+            else:
+                src = open_guarded(f"{url.rstrip('/')}/{rel}", cache)
+            rank_sources[rank] = src
+            files.append((f"{shown.rstrip('/')}/{rel}", int(entry.get("size") or 0)))
+    except BaseException:
+        _close_all(rank_sources.values())
+        raise
     ck = _assemble_nemo(shown, config, rank_sources, "nemo-dir")
     ck.files = files
     return ck

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import bisect
 import collections
+import contextlib
 import hashlib
 import json
 import mmap
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
@@ -125,6 +126,8 @@ class LocalFile:
         if length == 0:
             return memoryview(b"")
         _check_range(self.name, offset, length, self.size)
+        if self._mm is None:
+            raise CkptError(self.name, "read after the file was closed")
         return memoryview(self._mm)[offset : offset + length]
 
     def readinto(self, offset: int, buf: memoryview) -> None:
@@ -138,10 +141,15 @@ class LocalFile:
             done += n
 
     def close(self) -> None:
-        # mmap views may still be alive in tensors handed out; let GC unmap.
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        mm, self._mm = self._mm, None
+        if mm is not None:
+            try:
+                mm.close()  # the mapping holds a descriptor of its own
+            except BufferError:
+                pass  # views of it live on in tensors handed out: unmapped when the last goes
 
 
 def coalesce(
@@ -456,6 +464,8 @@ class CachedObject:
         except (OSError, ValueError, KeyError, TypeError):
             self._ranges = []
         self._fd = os.open(data_path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._busy = 0  # threads using the descriptor (see _using_fd)
+        self._closed = False
         if os.fstat(self._fd).st_size != size:
             os.ftruncate(self._fd, size)  # sparse: only stored ranges take disk space
             self._ranges = []
@@ -470,50 +480,80 @@ class CachedObject:
             return any(a < end and start < b for a, b in self._ranges)
 
     def read(self, offset: int, length: int) -> bytes:
-        data = os.pread(self._fd, length, offset)
-        while len(data) < length:  # pread may return short on large reads
-            more = os.pread(self._fd, length - len(data), offset + len(data))
-            if not more:
-                raise CkptError(self.path, f"range cache truncated at {offset + len(data)}")
-            data += more
+        with self._using_fd() as fd:
+            if fd is None:
+                raise CkptError(self.path, "range cache entry read after it was closed")
+            data = os.pread(fd, length, offset)
+            while len(data) < length:  # pread may return short on large reads
+                more = os.pread(fd, length - len(data), offset + len(data))
+                if not more:
+                    raise CkptError(self.path, f"range cache truncated at {offset + len(data)}")
+                data += more
         return data
 
     def put(self, offset: int, data: bytes | memoryview) -> None:
         self.put_many([(offset, data)])
 
     def put_many(self, pieces: list[tuple[int, bytes | memoryview]]) -> None:
-        """Store ranges, then record them (one index write for all)."""
-        for offset, data in pieces:
-            view = memoryview(data)
-            done = 0
-            while done < len(view):
-                done += os.pwrite(self._fd, view[done:], offset + done)
-        with self._lock:
+        """Store ranges, then record them (one index write for all). After :meth:`close` (a
+        read-ahead finishing late), nothing is stored: the cache only ever saves a fetch."""
+        with self._using_fd() as fd:
+            if fd is None:
+                return
             for offset, data in pieces:
-                merged: list[tuple[int, int]] = []
-                start, end = offset, offset + len(data)
-                for a, b in self._ranges:
-                    if b < start or a > end:
-                        merged.append((a, b))
-                    else:
-                        start, end = min(a, start), max(b, end)
-                merged.append((start, end))
-                self._ranges = sorted(merged)
-            tmp = f"{self._index}.{threading.get_ident()}.tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump({"size": self._size, "ranges": self._ranges}, f)
-            os.replace(tmp, self._index)
+                view = memoryview(data)
+                done = 0
+                while done < len(view):
+                    done += os.pwrite(fd, view[done:], offset + done)
+            with self._lock:
+                for offset, data in pieces:
+                    merged: list[tuple[int, int]] = []
+                    start, end = offset, offset + len(data)
+                    for a, b in self._ranges:
+                        if b < start or a > end:
+                            merged.append((a, b))
+                        else:
+                            start, end = min(a, start), max(b, end)
+                    merged.append((start, end))
+                    self._ranges = sorted(merged)
+                tmp = f"{self._index}.{threading.get_ident()}.tmp"
+                with open(tmp, "w", encoding="utf-8") as f:
+                    json.dump({"size": self._size, "ranges": self._ranges}, f)
+                os.replace(tmp, self._index)
 
     def stored_bytes(self) -> int:
         with self._lock:
             return sum(b - a for a, b in self._ranges)
 
+    @contextlib.contextmanager
+    def _using_fd(self) -> Iterator[int | None]:
+        """The file descriptor, kept open while in use (None once closed): a close racing a
+        read-ahead's write must not free the number for another file to be opened under."""
+        with self._lock:
+            if self._closed:
+                fd = None
+            else:
+                self._busy += 1
+                fd = self._fd
+        try:
+            yield fd
+        finally:
+            if fd is not None:
+                with self._lock:
+                    self._busy -= 1
+                    self._close_if_idle()
+
+    def _close_if_idle(self) -> None:  # under self._lock
+        if self._closed and self._busy == 0 and self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
     def close(self) -> None:
         if self._release is not None and not self._release(self):
             return  # another reader still uses it
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        with self._lock:
+            self._closed = True
+            self._close_if_idle()
 
 
 class RangeCache:

@@ -80,3 +80,15 @@ def local_s3(*buckets: str) -> Iterator:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def open_files_under(folder: str) -> list[str]:
+    """The files under ``folder`` this process holds open (from ``/proc/self/fd``)."""
+    root = os.path.realpath(folder) + os.sep
+    held = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith(root) or target.removesuffix(" (deleted)").startswith(root):
+                held.append(target)
+    return held

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from helpers import bitwise_equal, local_s3, rank_state_dicts
+from helpers import bitwise_equal, local_s3, open_files_under, rank_state_dicts
 
 from ckptcore.api import convert, load_state_dict
 from ckptcore.sample import vit_config, write_training_checkpoint
@@ -286,3 +286,37 @@ def test_read_concurrency_is_configurable(s3_url, monkeypatch) -> None:
     with pytest.raises(CkptError, match="CKPT_READ_CONCURRENCY='lots'"):
         g.plan_reads([(0, 10), (1_000_000, 10)])
     g.close()
+
+
+def test_closing_a_remote_checkpoint_releases_its_range_cache(s3_url, tmp_path) -> None:
+    """Once closed, nothing holds the cache files open: clean-work deleting the folder frees
+    the disk at once, also in a process that goes on converting (a sweep)."""
+    from ckptcore.storage import RangeCache
+
+    fs = s3_url
+    write_training_checkpoint(str(tmp_path / "ck"), vit_config("tiny"), tp=2, optimizer=True)
+    fs.put(str(tmp_path / "ck") + "/", "ckpts/closing/", recursive=True)
+    cache = str(tmp_path / "cache")
+    with open_checkpoint("s3://ckpts/closing", cache=cache) as ck:
+        load_state_dict(ck)
+        assert open_files_under(cache)
+    assert open_files_under(cache) == []
+    assert not any(p.startswith(os.path.realpath(cache)) for p in RangeCache._open)
+
+
+def test_a_range_cache_entry_closed_while_in_use_closes_when_the_user_is_done(tmp_path) -> None:
+    """A read-ahead still writing when its checkpoint is closed keeps the descriptor until it
+    is done (its number cannot be reused under it), and a write after the close stores nothing."""
+    from ckptcore.errors import CkptError
+    from ckptcore.storage import CachedObject
+
+    entry = CachedObject(str(tmp_path / "entry"), 100)
+    with entry._using_fd() as fd:
+        entry.close()
+        assert fd is not None
+        os.pwrite(fd, b"late", 0)  # still this entry's file
+    assert open_files_under(str(tmp_path)) == []
+    entry.put(10, b"after")
+    assert entry.stored_bytes() == 0
+    with pytest.raises(CkptError, match="closed"):
+        entry.read(0, 4)

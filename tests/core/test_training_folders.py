@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from helpers import bitwise_equal, rank_state_dicts
+from helpers import bitwise_equal, open_files_under, rank_state_dicts
 
 from ckptcore.api import convert, load_state_dict
 from ckptcore.errors import CkptError
@@ -118,3 +118,44 @@ def test_ranks_from_different_steps(tmp_path) -> None:
 def test_empty_folder(tmp_path) -> None:
     with pytest.raises(CkptError, match="no .ckpt files found"):
         open_checkpoint(str(tmp_path))
+
+
+def test_closing_a_checkpoint_closes_its_files(tmp_path) -> None:
+    """A long-lived process (a sweep converting many checkpoints) must not keep rank files or
+    ``.nemo`` archives open once done with them."""
+    import gzip
+    import shutil
+    import tarfile
+    import tempfile
+
+    from ckptcore.sample import write_nemo
+
+    cfg = vit_config("tiny")
+    write_training_checkpoint(str(tmp_path / "ptl"), cfg, tp=2)
+    write_nemo(str(tmp_path / "m.nemo"), cfg, tp=2)
+    with open(tmp_path / "m.nemo", "rb") as f, gzip.open(tmp_path / "z.nemo", "wb") as g:
+        shutil.copyfileobj(f, g)
+    with tarfile.open(tmp_path / "m.nemo") as tar:  # an extracted .nemo (our own file)
+        tar.extractall(tmp_path / "dir", filter="data")
+    extracted = os.path.join(tempfile.gettempdir(), "ckpt-nemo-")  # where z.nemo is read from
+    for name in ("ptl", "m.nemo", "z.nemo", "dir"):
+        with open_checkpoint(str(tmp_path / name)) as ck:
+            held = open_files_under(str(tmp_path)) + open_files_under(tempfile.gettempdir())
+            assert any(p.startswith((str(tmp_path), extracted)) for p in held), name
+            load_state_dict(ck)
+        assert open_files_under(str(tmp_path)) == [], name
+        assert not [p for p in open_files_under(tempfile.gettempdir()) if extracted in p], name
+
+
+def test_a_failed_open_closes_the_files_it_opened(tmp_path) -> None:
+    cfg = vit_config("tiny")
+    name, _ = write_training_checkpoint(str(tmp_path / "a"), cfg, tp=2, step=10)
+    other, _ = write_training_checkpoint(str(tmp_path / "b"), cfg, tp=2, step=20)
+    os.replace(tmp_path / "b" / "mp_rank_01" / other, tmp_path / "a" / "mp_rank_01" / name)
+    with pytest.raises(CkptError, match="different checkpoints"):
+        open_checkpoint(str(tmp_path / "a"))
+    with open(tmp_path / "a" / "mp_rank_01" / name, "r+b") as f:
+        f.truncate(100)  # the second rank file is not a zip
+    with pytest.raises(CkptError):
+        open_checkpoint(str(tmp_path / "a"))
+    assert open_files_under(str(tmp_path)) == []
