@@ -22,9 +22,12 @@ import subprocess
 import sys
 import threading
 import traceback
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ckptcore.errors import CkptError, StorageError
+
+if TYPE_CHECKING:
+    from ckptcore.api import VerifyReport
 
 __all__ = ["VerifyProcess", "VerifyProcessGone"]
 
@@ -65,12 +68,12 @@ class VerifyProcess:
         device: str | None = None,
         cache: str | None = None,
         run_both: bool = False,
-    ) -> Any:
+    ) -> VerifyReport:
         """:func:`ckptcore.api.verify` with these arguments, run in the child; its report.
 
         ``cache`` is the range cache's folder (the child opens it again). Raises
         :class:`VerifyProcessGone` if the child is gone before the request is sent."""
-        from ckptcore.api import VerifyReport
+        from ckptcore.api import VerifyReport  # noqa: F811 - at run time, not only for typing
 
         request = dict(
             a=a, b=b, tolerance=tolerance, images=images, device=device, cache=cache,
