@@ -136,8 +136,11 @@ class VerifyProcess:
 
 def _answer(request: dict[str, Any]) -> dict[str, Any]:
     from ckptcore import api
+    from ckptcore.storage import get_fs
 
     try:
+        for url in (request["a"], request["b"]):  # a process serving several runs lists anew
+            get_fs(url)[0].invalidate_cache()
         return {"report": api.verify(**request).to_dict()}
     except CkptError as e:
         return {"error": "CkptError", "path": e.path, "problem": e.problem, "key": e.key}
@@ -159,7 +162,21 @@ def _serve() -> int:
         if line.strip():
             answers.write(json.dumps(_answer(json.loads(line))) + "\n")
             answers.flush()
+            _give_back_memory()  # idle until the next request: hold no model meanwhile
     return 0
+
+
+def _give_back_memory() -> None:
+    """Free what the last request left (the model's tensors) and return it to the system:
+    glibc keeps freed heap memory otherwise, and an idle verify process would hold it."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the allocator keeps what it keeps
+        pass
 
 
 if __name__ == "__main__":

@@ -55,9 +55,9 @@ from tasks.convert import (
     package,
     partition_is_present,
     partition_location,
+    release_verifier,
     repartition,
     start_verifier,
-    stop_verifier,
     verify_output,
 )
 from tasks.items import (
@@ -259,7 +259,7 @@ def convert_pipeline(
             overwrite, tolerance, scratch_url, kinds, runner, verifier,
         )  # fmt: skip
     finally:
-        stop_verifier(verifier)
+        release_verifier(verifier)
 
 
 def _convert(
@@ -342,7 +342,7 @@ def _verify_and_publish(
         verified = None
         if check.verify:
             verified = verify_output(fetched, packaged, check.tolerance, check.verifier)
-            stop_verifier(check.verifier)  # its memory back before the upload completes
+            release_verifier(check.verifier)
         final = finish_lineage(record, packaged, verified, streamed=streamed)
         upload = upload_task(record.destination, listing.root, streamed=streamed)
         uploaded = (

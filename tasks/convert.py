@@ -258,16 +258,18 @@ class Verified:
     seconds: float
 
 
-_VERIFIERS: dict[str, VerifyProcess] = {}
+_VERIFIERS: dict[str, VerifyProcess] = {}  # in use by a run
+_IDLE: list[VerifyProcess] = []  # at most one, kept for this process's next run
 _VERIFIERS_LOCK = threading.Lock()
 
 
 def start_verifier() -> str | None:
-    """Start a :class:`ckptcore.verify_process.VerifyProcess` for this run's verify step; the
-    key that names it (None: ``CKPT_VERIFY_PROCESS=inline``, or ``auto`` in a process that
-    has torch imported already, or it could not start).
+    """A :class:`ckptcore.verify_process.VerifyProcess` for this run's verify step: the one a
+    previous run in this process left idle, else a new one; the key that names it (None:
+    ``CKPT_VERIFY_PROCESS=inline``, or ``auto`` in a process that has torch imported
+    already, or it could not start).
 
-    Its imports (torch and the reference model, ~2 s of CPU) then run in another process
+    A new one's imports (torch and the reference model, ~2 s of CPU) run in another process
     while this one lists, opens and converts the source, and hold none of this process's
     GIL: a helper thread doing the same slowed listing and writing by more than it saved.
     Where torch is imported already, verifying here costs no import: a process would only
@@ -275,24 +277,47 @@ def start_verifier() -> str | None:
     mode = settings.verify_process()
     if mode == "inline" or (mode == "auto" and "torch" in sys.modules):
         return None
-    try:
-        proc = VerifyProcess()
-    except OSError as e:
-        get_run_logger().warning("no verify process (%s): verifying in this process", e)
-        return None
+    proc = None
+    with _VERIFIERS_LOCK:
+        while _IDLE and proc is None:
+            proc = _IDLE.pop()
+            if not proc.alive():
+                proc.close(wait=False)
+                proc = None
+    if proc is None:
+        try:
+            proc = VerifyProcess()
+        except OSError as e:
+            get_run_logger().warning("no verify process (%s): verifying in this process", e)
+            return None
     key = uuid.uuid4().hex
     with _VERIFIERS_LOCK:
         _VERIFIERS[key] = proc
     return key
 
 
-def stop_verifier(key: str | None) -> None:
-    """Let the verify process ``key`` names exit (if it is still there); returns at once."""
+def release_verifier(key: str | None) -> None:
+    """The run is done with the verify process ``key`` names: it is kept, idle, for the next
+    run in this process (one at most; its imports are done), or let exit. Returns at once.
+    An idle one holds no model (it returns that memory after each verify) and exits with
+    this process (its stdin closes)."""
     if key is None:
         return
     with _VERIFIERS_LOCK:
         proc = _VERIFIERS.pop(key, None)
+        if proc is not None and not _IDLE and proc.alive():
+            _IDLE.append(proc)
+            return
     if proc is not None:
+        proc.close(wait=False)
+
+
+def close_idle_verifiers() -> None:
+    """Let the idle verify process (if any) exit now; returns at once."""
+    with _VERIFIERS_LOCK:
+        idle = list(_IDLE)
+        _IDLE.clear()
+    for proc in idle:
         proc.close(wait=False)
 
 

@@ -1,6 +1,6 @@
 """The convert flow verifies in the verify process it starts with the run (``warm``) or in its
-own process (``inline``, and ``auto`` where torch is imported already); the process ends with
-the run."""
+own process (``inline``, and ``auto`` where torch is imported already); a run leaves its verify
+process idle for the next run in the same process."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from flows.convert import convert_vit
 
 @pytest.mark.usefixtures("prefect_api")
 @pytest.mark.parametrize("mode", ["warm", "inline", "auto"])
-def test_verify_runs_in_the_verify_process_which_ends_with_the_run(
+def test_verify_runs_in_the_verify_process_which_the_next_run_reuses(
     s3, work_dir, prefix, sample_factory, monkeypatch, mode
 ):
     monkeypatch.setenv("CKPT_VERIFY_PROCESS", mode)
@@ -35,12 +35,18 @@ def test_verify_runs_in_the_verify_process_which_ends_with_the_run(
 
     if mode == "warm":  # the verify process is another interpreter: this patch is not there
         monkeypatch.setattr(ckptcore.api, "verify", not_here)
-    state = convert_vit(source=src, destination=dest, target_tp=1, return_state=True)
-
-    assert state.is_completed(), state.message
-    assert state.result()["verify-passed"] == "true"
-    assert s3.exists(dest)
-    # auto: torch is imported in this process (the tests import it), so verify runs here
-    assert len(started) == (1 if mode == "warm" else 0)
+    try:
+        for run in range(2):
+            dest = f"s3://ckpt-models/{prefix}/vit-{run}.nemo"
+            state = convert_vit(source=src, destination=dest, target_tp=1, return_state=True)
+            assert state.is_completed(), state.message
+            assert state.result()["verify-passed"] == "true"
+            assert s3.exists(dest)
+            assert tasks.convert._VERIFIERS == {}  # none in use once a run is over
+        # auto: torch is imported in this process (the tests import it), so verify runs here;
+        # warm: the second run verified in the process the first one left idle
+        assert len(started) == (1 if mode == "warm" else 0)
+        assert tasks.convert._IDLE == started
+    finally:
+        tasks.convert.close_idle_verifiers()
     assert all(p._proc.wait(60) == 0 for p in started)  # ended (stdin closed), not killed
-    assert tasks.convert._VERIFIERS == {}
