@@ -92,7 +92,7 @@ VARIANTS = {
     "floor-overlap": "floor, reads overlapped with writes",
     "flow": "convert flow (verify)",
     "flow-noverify": "convert flow (verify=False)",
-    "flow-verify-inline": "convert flow, verify in the flow's process (CKPT_VERIFY_PROCESS=inline)",
+    "flow-verify-inline": "convert flow, CKPT_VERIFY_PROCESS=inline",
     "flow-after": "convert flow, upload after verify (CKPT_UPLOAD=after)",
     "flow-threads": "convert flow, mapped (runner=threads)",
     "ckpt-s3": "ckpt convert s3:// → s3:// (no Prefect)",
