@@ -107,12 +107,20 @@ def test_single_file_whose_config_wants_more_ranks(tmp_path) -> None:
 
 
 def test_ranks_from_different_steps(tmp_path) -> None:
+    """... is an error; a failed open (this one, or a rank file that is not a zip) closes the
+    files it opened."""
     cfg = vit_config("tiny")
     name, _ = write_training_checkpoint(str(tmp_path / "a"), cfg, tp=2, step=10)
     other, _ = write_training_checkpoint(str(tmp_path / "b"), cfg, tp=2, step=20)
     os.replace(tmp_path / "b" / "mp_rank_01" / other, tmp_path / "a" / "mp_rank_01" / name)
     with pytest.raises(CkptError, match="different checkpoints"):
         open_checkpoint(str(tmp_path / "a"))
+    assert open_files_under(str(tmp_path)) == []
+    with open(tmp_path / "a" / "mp_rank_01" / name, "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(CkptError):
+        open_checkpoint(str(tmp_path / "a"))
+    assert open_files_under(str(tmp_path)) == []
 
 
 def test_empty_folder(tmp_path) -> None:
@@ -145,17 +153,3 @@ def test_closing_a_checkpoint_closes_its_files(tmp_path) -> None:
             load_state_dict(ck)
         assert open_files_under(str(tmp_path)) == [], name
         assert not [p for p in open_files_under(tempfile.gettempdir()) if extracted in p], name
-
-
-def test_a_failed_open_closes_the_files_it_opened(tmp_path) -> None:
-    cfg = vit_config("tiny")
-    name, _ = write_training_checkpoint(str(tmp_path / "a"), cfg, tp=2, step=10)
-    other, _ = write_training_checkpoint(str(tmp_path / "b"), cfg, tp=2, step=20)
-    os.replace(tmp_path / "b" / "mp_rank_01" / other, tmp_path / "a" / "mp_rank_01" / name)
-    with pytest.raises(CkptError, match="different checkpoints"):
-        open_checkpoint(str(tmp_path / "a"))
-    with open(tmp_path / "a" / "mp_rank_01" / name, "r+b") as f:
-        f.truncate(100)  # the second rank file is not a zip
-    with pytest.raises(CkptError):
-        open_checkpoint(str(tmp_path / "a"))
-    assert open_files_under(str(tmp_path)) == []
