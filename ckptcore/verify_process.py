@@ -10,8 +10,10 @@ did: it slowed the very steps it was meant to overlap).
 The child reads one JSON request per line on stdin and answers one JSON line on a dedicated
 pipe (its stdout goes to stderr, so nothing a library prints can garble an answer). A
 ``CkptError`` or ``StorageError`` in the child is raised again here, as itself; anything else
-as a ``RuntimeError`` with the child's traceback. The child exits when its stdin closes, so
-it never outlives the process that started it.
+as a ``RuntimeError`` with the child's traceback. Each request carries the parent's current
+``AWS_*``/``CKPT_*``/``FSSPEC_*`` settings, and the child lists storage anew, so one child can
+serve several runs. The child exits when its stdin closes, so it never outlives the process
+that started it.
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ class VerifyProcess:
             a=a, b=b, tolerance=tolerance, images=images, device=device, cache=cache,
             run_both=run_both,
         )  # fmt: skip
+        request["env"] = {k: v for k, v in os.environ.items() if k.startswith(_PASSED_ON)}
         with self._lock:
             stdin, stdout = self._proc.stdin, self._proc.stdout
             assert stdin is not None and stdout is not None
@@ -134,11 +137,36 @@ class VerifyProcess:
         self.close()
 
 
+_PASSED_ON = ("AWS_", "CKPT_", "FSSPEC_")  # storage endpoints, credentials, our settings
+
+
+def _take_env(env: dict[str, str]) -> None:
+    """The parent's storage and pipeline settings as of this request (a process that serves
+    several runs must not keep the first one's endpoint or credentials)."""
+    changed = False
+    for key in [k for k in os.environ if k.startswith(_PASSED_ON) and k not in env]:
+        del os.environ[key]
+        changed = True
+    for key, value in env.items():
+        if os.environ.get(key) != value:
+            os.environ[key] = value
+            changed = True
+    if changed:  # filesystems are cached per class with what they were made with
+        import fsspec
+
+        todo = [fsspec.AbstractFileSystem]
+        while todo:
+            cls = todo.pop()
+            cls.clear_instance_cache()
+            todo.extend(cls.__subclasses__())
+
+
 def _answer(request: dict[str, Any]) -> dict[str, Any]:
     from ckptcore import api
     from ckptcore.storage import get_fs
 
     try:
+        _take_env(request.pop("env", {}))
         for url in (request["a"], request["b"]):  # a process serving several runs lists anew
             get_fs(url)[0].invalidate_cache()
         return {"report": api.verify(**request).to_dict()}

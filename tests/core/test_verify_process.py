@@ -7,6 +7,7 @@ import os
 import signal
 
 import pytest
+from helpers import local_s3
 
 from ckptcore import api
 from ckptcore.errors import CkptError
@@ -59,3 +60,15 @@ def test_the_child_exits_when_its_parent_closes_the_pipe(wait) -> None:
     proc = VerifyProcess()
     proc.close(timeout=60, wait=wait)
     assert proc._proc.wait(60) == 0
+
+
+def test_each_request_takes_the_parents_storage_settings(pair) -> None:
+    """A process serving several runs must not keep the endpoint and credentials it started
+    with: this one starts before the S3 server exists, then reads from it, then from another."""
+    a, b = pair
+    with VerifyProcess() as proc:
+        assert proc.verify(a, b, images=1).passed
+        for bucket in ("models-1", "models-2"):  # a new server (new port) each time
+            with local_s3(bucket) as fs:
+                fs.put(a, f"{bucket}/a.nemo")
+                assert proc.verify(f"s3://{bucket}/a.nemo", b, images=1).passed
