@@ -44,6 +44,19 @@ def get_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
         raise CkptError(url, f"unsupported storage URL: {exc}") from None
 
 
+def forget_listings(url: str) -> None:
+    """Drop what this process's filesystem cached about ``url`` and everything under it (fsspec
+    keeps listings per process, and answers ``info`` from them), so the next listing or
+    ``info`` asks the store: another writer's changes are seen."""
+    fs, path = get_fs(url)
+    path = path.rstrip("/")
+    cache = getattr(fs, "dircache", None)
+    if cache is not None:
+        for key in [k for k in list(cache) if k == path or k.startswith(path + "/")]:
+            cache.pop(key, None)
+    fs.invalidate_cache(path)  # and its parents' listings, which name it too
+
+
 def etag_of(info: dict) -> str | None:
     """The ETag in an fsspec ``info()`` record, without its quotes (None where there is none)."""
     return str(info.get("ETag") or info.get("etag") or "").strip('"') or None

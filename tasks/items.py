@@ -35,7 +35,7 @@ from ckptcore.errors import CkptError
 from ckptcore.formats import nemo as nemo_fmt
 from ckptcore.plan import FilePlan, Plan
 from ckptcore.sources import open_checkpoint
-from ckptcore.storage import etag_of, get_fs, is_local, join, local_path
+from ckptcore.storage import etag_of, forget_listings, get_fs, is_local, join, local_path
 from tasks import settings
 from tasks.convert import PARTITION_MANIFEST, Packaged, Partition
 from tasks.retry import storage_retries
@@ -168,6 +168,7 @@ def check_unchanged(objects: tuple[SourceObject, ...]) -> None:
     """Fail when a source file changed since it was listed (size, or the ETag of an object)."""
     for obj in objects:
         fs, path = get_fs(obj.url)
+        forget_listings(obj.url)  # ask the store, not this process's cached listing
         info = fs.info(path)
         etag = etag_of(info)
         if int(info.get("size") or 0) != obj.size_bytes or (obj.etag and etag != obj.etag):

@@ -25,7 +25,7 @@ from ckptcore.errors import CkptError
 from ckptcore.formats.nemo import CONFIG_NAME
 from ckptcore.formats.ptl import find_checkpoint
 from ckptcore.layout import parse_rank_folder
-from ckptcore.storage import etag_of, get_fs, is_local, join, local_path
+from ckptcore.storage import etag_of, forget_listings, get_fs, is_local, join, local_path
 from tasks import settings
 from tasks.cache import ContentCache, run_cached
 from tasks.progress import Progress
@@ -151,6 +151,7 @@ def describe_source(source: str, checkpoint: str = "last") -> SourceListing:
     if is_local(root):
         root = os.path.abspath(local_path(root))
     fs, path = get_fs(root)
+    forget_listings(root)  # list what is there now, not what this process saw before
     try:
         is_dir = fs.isdir(path)
         exists = is_dir or fs.exists(path)
@@ -264,6 +265,7 @@ def check_unchanged(fetched: FetchedCheckpoint) -> None:
         if is_local(f.url) or not f.etag:
             continue
         fs, path = get_fs(f.url)
+        forget_listings(f.url)  # ask the store: the listing this process cached is the old one
         try:
             info = fs.info(path)
         except FileNotFoundError:

@@ -209,3 +209,33 @@ def test_asset_keys():
     assert asset_key("s3://b/k/m.nemo") == "s3://b/k/m.nemo"
     assert asset_key("/tmp/a b/m.nemo") == "file:///tmp/a_b/m.nemo"
     assert len(asset_key("s3://b/" + "x" * 600)) <= 512
+
+
+def test_a_source_object_overwritten_after_listing_is_noticed(s3, tmp_path, prefix, sample_factory):
+    """The ETags listed are checked again after reading in place: an object overwritten in
+    between by another writer fails the run, however much of the listing this process has
+    cached; and a later listing in the same process (a sweep) sees the new version."""
+    from tasks.items import check_unchanged as check_items_unchanged
+    from tasks.items import source_objects
+    from tasks.source import check_unchanged
+
+    src = f"s3://ckpt-training/{prefix}/checkpoints"
+    sample = sample_factory(s3, src, tp=2)
+    listing = describe_source(src)
+    fetched = locate_checkpoint(listing, str(tmp_path / "work"))
+    objects = source_objects(listing)  # what the mapped mode's items check
+    check_unchanged(fetched)  # nothing changed yet
+    check_items_unchanged(objects)
+    first = fetched.files[0].url.removeprefix("s3://")
+    import s3fs
+
+    other = s3fs.S3FileSystem(skip_instance_cache=True)  # another writer: our caches never see it
+    other.pipe(first, s3.cat(first) + b"\0")  # a new version of the object
+    with pytest.raises(CkptError, match="changed while being read"):
+        check_unchanged(fetched)
+    with pytest.raises(CkptError, match="changed since the conversion was planned"):
+        check_items_unchanged(objects)
+    relisted = describe_source(src)  # a later listing in this process sees the new version
+    assert relisted.files[0].etag != fetched.files[0].etag
+    assert relisted.files[0].size_bytes == fetched.files[0].size_bytes + 1
+    del sample
