@@ -35,11 +35,11 @@ from ckptcore.errors import CkptError
 from ckptcore.formats import nemo as nemo_fmt
 from ckptcore.plan import FilePlan, Plan
 from ckptcore.sources import open_checkpoint
-from ckptcore.storage import etag_of, forget_listings, get_fs, is_local, join, local_path
+from ckptcore.storage import get_fs, is_local, join, local_path
 from tasks import settings
 from tasks.convert import PARTITION_MANIFEST, Packaged, Partition
 from tasks.retry import storage_retries
-from tasks.source import FetchedCheckpoint, SourceListing
+from tasks.source import FetchedCheckpoint, SourceListing, changed_since_listed
 
 CHUNK_BYTES = 8 << 20
 
@@ -167,12 +167,9 @@ def source_objects(listing: SourceListing) -> tuple[SourceObject, ...]:
 def check_unchanged(objects: tuple[SourceObject, ...]) -> None:
     """Fail when a source file changed since it was listed (size, or the ETag of an object)."""
     for obj in objects:
-        fs, path = get_fs(obj.url)
-        forget_listings(obj.url)  # ask the store, not this process's cached listing
-        info = fs.info(path)
-        etag = etag_of(info)
-        if int(info.get("size") or 0) != obj.size_bytes or (obj.etag and etag != obj.etag):
-            raise CkptError(obj.url, "changed since the conversion was planned; start it again")
+        problem = changed_since_listed(obj.url, obj.size_bytes, obj.etag)
+        if problem:
+            raise CkptError(obj.url, f"{problem} since the conversion was planned; start it again")
 
 
 def items_location(staging: str, listing: SourceListing, plan: Plan) -> str:

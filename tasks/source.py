@@ -258,21 +258,32 @@ def locate_checkpoint(listing: SourceListing, work_dir: str) -> FetchedCheckpoin
     )
 
 
+def changed_since_listed(url: str, size: int, etag: str | None) -> str | None:
+    """What changed about ``url`` since it was listed with ``size`` and ``etag`` (None: that
+    ETag is not checked), asked of the store, not of a listing this process cached; None if
+    nothing did."""
+    fs, path = get_fs(url)
+    forget_listings(url)
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        return "disappeared"
+    if int(info.get("size") or 0) != size:
+        return "changed (new size)"
+    if etag and etag_of(info) != etag:
+        return "changed (new ETag)"
+    return None
+
+
 def check_unchanged(fetched: FetchedCheckpoint) -> None:
     """Fail when a source object changed (size or ETag) since it was listed: a conversion
     that read it in place may have mixed old and new bytes."""
     for f in fetched.files:
         if is_local(f.url) or not f.etag:
             continue
-        fs, path = get_fs(f.url)
-        forget_listings(f.url)  # ask the store: the listing this process cached is the old one
-        try:
-            info = fs.info(path)
-        except FileNotFoundError:
-            raise CkptError(f.url, "disappeared while being read; start the run again") from None
-        etag = etag_of(info)
-        if int(info.get("size") or 0) != f.size_bytes or etag != f.etag:
-            raise CkptError(f.url, "changed while being read (new ETag); start the run again")
+        problem = changed_since_listed(f.url, f.size_bytes, f.etag)
+        if problem:
+            raise CkptError(f.url, f"{problem} while being read; start the run again")
 
 
 def fetch_checkpoint(listing: SourceListing, work_dir: str) -> FetchedCheckpoint:
