@@ -325,12 +325,18 @@ def open_checkpoint(
 def _open_ptl(folder: str, checkpoint: str, cache: RangeCache | None = None) -> Checkpoint:
     found = find_checkpoint(folder, checkpoint)
     opened = _open_ranks(sorted(found.files.items()), cache)
+    return _owning([src for src, _, _ in opened], lambda: _assemble_ptl(folder, found, opened))
+
+
+def _owning(sources: list[ByteSource], build: Callable[[], Checkpoint]) -> Checkpoint:
+    """``build()``'s checkpoint, which closes ``sources`` when closed (closed here at once
+    where building fails)."""
     try:
-        ck = _assemble_ptl(folder, found, opened)
+        ck = build()
     except BaseException:
-        _close_all(src for src, _, _ in opened)
+        _close_all(sources)
         raise
-    ck._cleanup.extend(src.close for src, _, _ in opened)
+    ck._cleanup.extend(src.close for src in sources)
     return ck
 
 
@@ -394,14 +400,9 @@ def _assemble_nemo(
     url: str, config: dict, rank_sources: dict[tuple[int, int], ByteSource], kind: str
 ) -> Checkpoint:
     """The checkpoint of a ``.nemo``'s rank files; it closes them (here, if this fails)."""
-    sources = list(rank_sources.values())
-    try:
-        ck = _nemo_ranks(url, config, dict(rank_sources), kind)
-    except BaseException:
-        _close_all(sources)
-        raise
-    ck._cleanup.extend(src.close for src in sources)
-    return ck
+    return _owning(
+        list(rank_sources.values()), lambda: _nemo_ranks(url, config, dict(rank_sources), kind)
+    )
 
 
 def _nemo_ranks(

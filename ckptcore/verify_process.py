@@ -163,12 +163,12 @@ def _take_env(env: dict[str, str]) -> None:
 
 def _answer(request: dict[str, Any]) -> dict[str, Any]:
     from ckptcore import api
-    from ckptcore.storage import get_fs
+    from ckptcore.storage import forget_listings
 
     try:
         _take_env(request.pop("env", {}))
         for url in (request["a"], request["b"]):  # a process serving several runs lists anew
-            get_fs(url)[0].invalidate_cache()
+            forget_listings(url)
         return {"report": api.verify(**request).to_dict()}
     except CkptError as e:
         return {"error": "CkptError", "path": e.path, "problem": e.problem, "key": e.key}
