@@ -41,6 +41,9 @@ done
 
 # --- environment shared by every process of the stack --------------------------------------
 export PREFECT_API_URL="http://127.0.0.1:${PREFECT_PORT}/api"
+# The deployments start runs as `python -m prefect.engine` (prefect.yaml): the workers' `python`
+# is this interpreter.
+export PATH="$BIN:$PATH"
 export PREFECT_HOME="${PREFECT_HOME:-$STACK/prefect}"
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
 export PREFECT_WORKER_QUERY_SECONDS="${PREFECT_WORKER_QUERY_SECONDS:-1}"
@@ -85,6 +88,9 @@ echo "serve: Prefect server up at http://127.0.0.1:${PREFECT_PORT}"
     false
 }
 grep -o "Deployment '[^']*' successfully created" "$STACK/deploy.log" | sed 's/^/serve: /' || true
+# Workers start a Python per run: compile the pipeline's modules once (where
+# PYTHONDONTWRITEBYTECODE is set, each run's process would compile them again).
+"$PY" -m compileall -q ckptcore tasks flows >/dev/null
 start cpu-worker "$BIN/prefect" worker start --pool cpu-pool --type process --name cpu-worker
 start gpu-worker "$BIN/prefect" worker start --pool gpu-pool --type process --name gpu-worker
 "$PY" deployments/stack.py wait-workers cpu-pool gpu-pool --timeout 120
