@@ -35,7 +35,6 @@ from dataclasses import dataclass, replace
 
 from prefect import flow, runtime, unmapped
 from prefect.artifacts import create_table_artifact
-from prefect.deployments import run_deployment
 from prefect.futures import wait
 from prefect.logging import get_run_logger
 
@@ -60,6 +59,7 @@ from tasks.convert import (
     start_verifier,
     verify_output,
 )
+from tasks.handoff import run_subflow
 from tasks.items import (
     MappedPartition,
     commit_partition,
@@ -104,9 +104,9 @@ def run_repartition_deployment(
     """Run ``repartition/vit`` (in ``gpu-pool``) as a subflow and wait for it to complete."""
     start = time.perf_counter()
     name = settings.repartition_deployment()
-    child = run_deployment(
-        name=name,
-        parameters={
+    child = run_subflow(
+        name,
+        {
             "source": listing.root,
             "checkpoint": listing.checkpoint or "last",
             "source_digest": fetched.digest,
@@ -115,9 +115,8 @@ def run_repartition_deployment(
             "precision": precision,
             "output_url": output_url,
         },
-        as_subflow=True,
-        poll_interval=settings.poll_seconds(),
-        timeout=settings.repartition_timeout(),
+        settings.poll_seconds(),
+        settings.repartition_timeout(),
     )
     if child.state is None or not child.state.is_completed():
         state = child.state.name if child.state else "without a state"

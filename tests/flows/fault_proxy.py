@@ -1,8 +1,9 @@
 """A small HTTP proxy on 127.0.0.1 in front of an S3 server that fails chosen requests.
 
 Requests pass through unchanged (keep-alive, Content-Length or chunked bodies) except the
-first ``count`` that match a rule, which get a real S3 ``500 InternalError`` response, a
-closed connection, or are held until released (to kill the client mid-upload). It also counts
+first ``count`` that match a rule, which get a real S3 ``500 InternalError`` response, the
+``503`` a Prefect server answers when a write lost a race for its SQLite database, a closed
+connection, or are held until released (to kill the client mid-upload). It also counts
 the body bytes it relays, so a test can see what a client really fetched. Tests point
 ``AWS_ENDPOINT_URL_S3`` at :attr:`FaultProxy.url`.
 """
@@ -19,6 +20,10 @@ _ERROR_XML = (
     b"<Message>We encountered an internal error. Please try again. (injected)</Message>"
     b"<RequestId>fault-proxy</RequestId></Error>"
 )
+_FAILURES = {  # mode: (status, content type, body)
+    "500": (500, "application/xml", _ERROR_XML),
+    "503": (503, "application/json", b'{"exception_message": "Service Unavailable"}'),
+}
 _HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "upgrade"}
 
 
@@ -30,7 +35,7 @@ class Rule:
     prefix: str
     count: int
     skip: int = 0
-    mode: str = "500"  # "500": S3 InternalError; "drop": close unanswered; "hold": wait
+    mode: str = "500"  # "500": S3 InternalError; "503": Prefect's busy; "drop"; "hold": wait
     hits: int = 0
     failed: list[str] = field(default_factory=list)
     release: threading.Event = field(default_factory=threading.Event)
@@ -79,11 +84,12 @@ class FaultProxy:
                     self.connection.shutdown(2)
                     return
                 if rule is not None:
-                    self.send_response(500)
-                    self.send_header("Content-Type", "application/xml")
-                    self.send_header("Content-Length", str(len(_ERROR_XML)))
+                    status, content_type, payload = _FAILURES[rule.mode]
+                    self.send_response(status)
+                    self.send_header("Content-Type", content_type)
+                    self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()
-                    self.wfile.write(_ERROR_XML)
+                    self.wfile.write(payload)
                     return
                 conn = http.client.HTTPConnection(*proxy.upstream, timeout=60)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_HEADERS}
