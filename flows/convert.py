@@ -251,7 +251,7 @@ def convert_pipeline(
 
     Verifying, a verify process starts first: it imports torch and the model while the steps
     before verify run (see :func:`tasks.convert.start_verifier`)."""
-    verifier = start_verifier() if verify else None
+    verifier = start_verifier([u for u in (source, destination) if u]) if verify else None
     try:
         return _convert(
             source, destination, checkpoint, target_tp, target_pp, precision, verify,

@@ -16,6 +16,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -263,9 +264,10 @@ _IDLE: list[VerifyProcess] = []  # at most one, kept for this process's next run
 _VERIFIERS_LOCK = threading.Lock()
 
 
-def start_verifier() -> str | None:
+def start_verifier(urls: Sequence[str] = ()) -> str | None:
     """A :class:`ckptcore.verify_process.VerifyProcess` for this run's verify step: the one a
-    previous run in this process left idle, else a new one; the key that names it (None:
+    previous run in this process left idle, else a new one (which asks the stores of ``urls``,
+    the run's source and destination, once while it waits); the key that names it (None:
     ``CKPT_VERIFY_PROCESS=inline``, or ``auto`` in a process that has torch imported
     already, or it could not start).
 
@@ -286,7 +288,7 @@ def start_verifier() -> str | None:
                 proc = None
     if proc is None:
         try:
-            proc = VerifyProcess()
+            proc = VerifyProcess(warm=urls)
         except OSError as e:
             get_run_logger().warning("no verify process (%s): verifying in this process", e)
             return None

@@ -72,3 +72,42 @@ def test_each_request_takes_the_parents_storage_settings(pair) -> None:
             with local_s3(bucket) as fs:
                 fs.put(a, f"{bucket}/a.nemo")
                 assert proc.verify(f"s3://{bucket}/a.nemo", b, images=1).passed
+
+
+def test_the_child_asks_the_stores_of_the_warm_urls_while_idle(pair, monkeypatch) -> None:
+    """Given the run's URLs, the child makes its storage client and asks the store once before
+    any request (what a first verify in a process would pay for); the store's answer, here a
+    404 from a stand-in endpoint, is the request's to report, and the child serves on."""
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen: list[str] = []
+
+    class Store(BaseHTTPRequestHandler):
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+        def _answer(self) -> None:
+            seen.append(self.path)
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_HEAD = do_GET = _answer
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Store)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{server.server_address[1]}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    try:
+        with VerifyProcess(warm=["s3://runs/out.nemo", pair[0]]) as proc:
+            deadline = time.monotonic() + 120
+            while not any(p.startswith("/runs") for p in seen) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert any(p.startswith("/runs/out.nemo") for p in seen), seen
+            assert proc.verify(*pair, images=1).passed
+    finally:
+        server.shutdown()
+        server.server_close()

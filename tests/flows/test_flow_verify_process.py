@@ -24,9 +24,12 @@ def test_verify_runs_in_the_verify_process_which_the_next_run_reuses(
     started: list[ckptcore.verify_process.VerifyProcess] = []
     real_init = ckptcore.verify_process.VerifyProcess.__init__
 
-    def recording_init(self) -> None:
-        real_init(self)
+    warmed: list[list[str]] = []
+
+    def recording_init(self, warm=()) -> None:
+        real_init(self, warm)
         started.append(self)
+        warmed.append(list(warm))
 
     monkeypatch.setattr(ckptcore.verify_process.VerifyProcess, "__init__", recording_init)
 
@@ -46,6 +49,8 @@ def test_verify_runs_in_the_verify_process_which_the_next_run_reuses(
         # auto: torch is imported in this process (the tests import it), so verify runs here;
         # warm: the second run verified in the process the first one left idle
         assert len(started) == (1 if mode == "warm" else 0)
+        # started with the first run's source and destination, whose stores it asks while idle
+        assert warmed == ([[src, f"s3://ckpt-models/{prefix}/vit-0.nemo"]] if started else [])
         assert tasks.convert._IDLE == started
     finally:
         tasks.convert.close_idle_verifiers()
