@@ -4,6 +4,11 @@
     in ``gpu-pool``) -> package (with ``lineage.json``) -> verify -> upload (+ sidecar,
     metadata, asset) -> report-lineage -> clean-work
 
+Deployed, repartitioning is the ``repartition/vit`` deployment's: its run is created first,
+before the listing, so its worker pickup and process start overlap this run's listing and
+destination check; it lists the source itself, and the partition it leaves under the scratch
+prefix must name the digest this run listed. A run that fails meanwhile cancels it.
+
 Repartitioning here into an ``s3://`` destination (``CKPT_UPLOAD=stream``, the default), the
 middle is streamed instead:
 
@@ -29,9 +34,12 @@ Run it locally with ``convert_vit(source=..., destination=...)``; deployed as ``
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
 from dataclasses import dataclass, replace
+from uuid import UUID
 
 from prefect import flow, runtime, unmapped
 from prefect.artifacts import create_table_artifact
@@ -56,10 +64,11 @@ from tasks.convert import (
     partition_location,
     release_verifier,
     repartition,
+    require_same_source,
     start_verifier,
     verify_output,
 )
-from tasks.handoff import run_subflow
+from tasks.handoff import create_subflow, stop_run, wait_for_run
 from tasks.items import (
     MappedPartition,
     commit_partition,
@@ -93,37 +102,72 @@ def repartition_remotely() -> bool:
     return mode == "deployment"
 
 
-def run_repartition_deployment(
-    listing: SourceListing,
-    fetched: FetchedCheckpoint,
+@dataclass(frozen=True)
+class Handoff:
+    """The ``repartition/vit`` run this run created when it began (:func:`start_repartition`)."""
+
+    deployment: str
+    run_id: UUID
+    location: str  # the partition's folder under the scratch prefix
+    started: float
+
+
+def handoff_location(
+    scratch: str, target_tp: int | None, target_pp: int | None, precision: str
+) -> str:
+    """A folder under ``scratch`` for this flow run's repartition run: a retry of the run finds
+    its partition again (the partition names the source digest it was written from)."""
+    key = json.dumps([str(runtime.flow_run.id), target_tp, target_pp, str(precision)])
+    return join(scratch, f"handoff-{hashlib.sha256(key.encode()).hexdigest()[:24]}")
+
+
+def start_repartition(
+    source: str,
+    checkpoint: str,
     target_tp: int | None,
     target_pp: int | None,
     precision: str,
-    output_url: str,
-) -> RemoteRun:
-    """Run ``repartition/vit`` (in ``gpu-pool``) as a subflow and wait for it to complete."""
-    start = time.perf_counter()
+    scratch_url: str | None,
+) -> Handoff:
+    """Create the ``repartition/vit`` run (in ``gpu-pool``) before this run lists its source:
+    its worker pickup and process start (~2.5 s) overlap the listing and the destination
+    check here. It lists the source itself; the partition it leaves names the digest it
+    read, which must equal this run's (:func:`tasks.convert.require_same_source`)."""
     name = settings.repartition_deployment()
-    child = run_subflow(
+    location = handoff_location(settings.scratch_url(scratch_url), target_tp, target_pp, precision)
+    run = create_subflow(
         name,
         {
-            "source": listing.root,
-            "checkpoint": listing.checkpoint or "last",
-            "source_digest": fetched.digest,
+            "source": source,
+            "checkpoint": checkpoint or "last",
             "target_tp": target_tp,
             "target_pp": target_pp,
             "precision": precision,
-            "output_url": output_url,
+            "output_url": location,
         },
-        settings.poll_seconds(),
-        settings.repartition_timeout(),
     )
+    return Handoff(name, run.id, location, time.perf_counter())
+
+
+def finish_repartition(handoff: Handoff) -> RemoteRun:
+    """Wait for the repartition run to complete."""
+    child = wait_for_run(handoff.run_id, settings.poll_seconds(), settings.repartition_timeout())
     if child.state is None or not child.state.is_completed():
         state = child.state.name if child.state else "without a state"
         raise RuntimeError(f"repartition run {child.name} ({child.id}) ended {state}")
-    return RemoteRun(
-        name, str(child.id), child.name, child.work_pool_name, time.perf_counter() - start
-    )
+    seconds = time.perf_counter() - handoff.started
+    return RemoteRun(handoff.deployment, str(child.id), child.name, child.work_pool_name, seconds)
+
+
+def abandon_repartition(handoff: Handoff) -> None:
+    """This run failed: cancel its repartition run if that is not over."""
+    try:
+        was = stop_run(handoff.run_id)
+    except Exception as e:  # noqa: BLE001 - never hide the run's own error
+        get_run_logger().warning("could not cancel repartition run %s: %s", handoff.run_id, e)
+        return
+    if was is not None:
+        get_run_logger().info("cancelled repartition run %s (%s)", handoff.run_id, was)
 
 
 @flow(name="repartition-items", validate_parameters=False)
@@ -276,6 +320,39 @@ def _convert(
     runner: str | None,
     verifier: str | None,
 ) -> dict[str, str]:
+    mode = settings.runner(runner)
+    handoff = None
+    if mode is None and repartition_remotely():
+        handoff = start_repartition(
+            source, checkpoint, target_tp, target_pp, precision, scratch_url
+        )
+    try:
+        return _convert_source(
+            source, destination, checkpoint, target_tp, target_pp, precision, verify,
+            overwrite, tolerance, scratch_url, kinds, mode, verifier, handoff,
+        )  # fmt: skip
+    except BaseException:
+        if handoff is not None:
+            abandon_repartition(handoff)
+        raise
+
+
+def _convert_source(
+    source: str,
+    destination: str | None,
+    checkpoint: str,
+    target_tp: int | None,
+    target_pp: int | None,
+    precision: str,
+    verify: bool,
+    overwrite: bool,
+    tolerance: float,
+    scratch_url: str | None,
+    kinds: tuple[str, ...],
+    mode: str | None,
+    verifier: str | None,
+    handoff: Handoff | None,
+) -> dict[str, str]:
     listing = list_source(source, checkpoint)
     if listing.kind not in kinds:
         raise CkptError(source, f"is a {listing.kind} checkpoint; expected {' or '.join(kinds)}")
@@ -283,7 +360,6 @@ def _convert(
         destination or default_destination(listing), listing.root, overwrite
     )
     work = settings.work_dir()
-    mode = settings.runner(runner)
     check = _Check(verify, tolerance, verifier)
     if mode is not None:
         return _convert_mapped(
@@ -291,18 +367,15 @@ def _convert(
         )  # fmt: skip
     fetched = source_for_reading(listing, work)
     remote = None
-    handed_over = repartition_remotely()
-    if not handed_over and streams_upload(destination):
+    if handoff is None and streams_upload(destination):
         return _convert_streamed(
             listing, fetched, destination, target_tp, target_pp, precision, check, work
         )  # fmt: skip
-    if handed_over:
-        scratch = settings.scratch_url(scratch_url)
-        location = partition_location(scratch, fetched, target_tp, target_pp, precision)
-        remote = run_repartition_deployment(
-            listing, fetched, target_tp, target_pp, precision, location
-        )
+    if handoff is not None:
+        remote = finish_repartition(handoff)
+        location = handoff.location
         partition = download_partition(location, work)
+        require_same_source(partition, fetched)
     else:
         location = partition_location(work, fetched, target_tp, target_pp, precision)
         partition = run_cached(

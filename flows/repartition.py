@@ -1,9 +1,11 @@
 """``repartition``: the GPU-pool half of ``convert`` (deployment ``repartition/vit``).
 
-The parent names the source (already resolved to one checkpoint file name), the digest it
-listed, the target layout and a scratch prefix; this run reads the same source on its own
-machine (in place, or downloaded with ``CKPT_SOURCE_READ=download``), repartitions it and
-leaves the rank files plus ``partition.json`` under the prefix.
+The parent names the source, the target layout and a folder under the scratch prefix; it
+creates this run before it lists the source itself. This run lists and reads the source on its
+own machine (in place, or downloaded with ``CKPT_SOURCE_READ=download``), repartitions it and
+leaves the rank files plus ``partition.json`` (which names the digest of the source files it
+read: the parent checks it against its own listing) under the folder. ``source_digest``, where
+given, is checked here first.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ def repartition_vit(
         source: the checkpoint (training folder, ``.nemo``) as the parent listed it.
         output_url: folder (normally under ``CKPT_SCRATCH_URL``) for the rank files.
         checkpoint: the checkpoint file name in a training folder.
-        source_digest: the parent's digest of the source files; a mismatch fails the run.
+        source_digest: a digest the source files must have (a mismatch fails the run).
         target_tp: output tensor-parallel size (default: the source's).
         target_pp: output pipeline-parallel size (default: the source's).
         precision: ``keep`` or a target precision.

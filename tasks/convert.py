@@ -54,6 +54,7 @@ class Partition:
     tensor_bytes: int
     seconds: float
     notes: tuple[str, ...] = field(default=())
+    source_digest: str | None = None  # of the source files as the writing run listed them
 
     def manifest(self) -> dict[str, Any]:
         """JSON for ``partition.json``: members relative to the folder."""
@@ -174,6 +175,7 @@ def write_partition(
             tensor_bytes=tensor_bytes,
             seconds=time.perf_counter() - start,
             notes=tuple(ck.notes),
+            source_digest=fetched.digest,
         )
     if fetched.in_place:
         check_unchanged(fetched)  # the bytes read all come from the objects as listed
@@ -222,6 +224,18 @@ def download_partition(url: str, work_dir: str) -> Partition:
         os.replace(dest + ".part", dest)
         members[member] = dest
     return Partition(**{**asdict(remote), "url": folder, "members": members})
+
+
+def require_same_source(partition: Partition, fetched: FetchedCheckpoint) -> None:
+    """Fail when another run wrote ``partition`` from other source files than ``fetched``
+    (the source changed between the two runs' listings, or a rerun found an older one)."""
+    if partition.source_digest != fetched.digest:
+        found = (partition.source_digest or "none")[:12]
+        raise CkptError(
+            fetched.source,
+            f"source changed while it was converted: the repartition run read digest {found}, "
+            f"this run listed {fetched.digest[:12]}",
+        )
 
 
 def package_partition(

@@ -1,8 +1,10 @@
 """Handing a step to another deployment: create its run as a subflow, wait until it ends.
 
-:func:`run_subflow` does what ``prefect.deployments.run_deployment(..., as_subflow=True)``
-does, with one difference: the run is created through a client that sends the API's ``503``
-answers again after 50 ms, 100 ms, ... instead of the Prefect client's 2 s, 4 s, ... back-off.
+:func:`create_subflow` and :func:`wait_for_run` do what
+``prefect.deployments.run_deployment(..., as_subflow=True)`` does, in two calls (the parent
+works in between), with one difference: the run is created through a client that sends the
+API's ``503`` answers again after 50 ms, 100 ms, ... instead of the Prefect client's 2 s, 4 s,
+... back-off. :func:`stop_run` cancels a run the parent no longer needs.
 
 Why: a Prefect server on SQLite (the local stack, any server without Postgres) answers
 ``503`` when a write transaction lost a race with another writer (``SQLITE_BUSY_SNAPSHOT``).
@@ -19,11 +21,13 @@ import asyncio
 import time
 from collections.abc import Sequence
 from typing import Any
+from uuid import UUID
 
 import httpx
 from prefect.client.orchestration import PrefectClient, get_client
 from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import arun_deployment
+from prefect.states import Cancelled, Cancelling
 from prefect.utilities.asyncutils import run_coro_as_sync
 
 BUSY = 503
@@ -86,19 +90,35 @@ async def _create(name: str, parameters: dict[str, Any]) -> FlowRun:
         )
 
 
-def run_subflow(
-    name: str, parameters: dict[str, Any], poll_seconds: float, timeout: float | None
-) -> FlowRun:
-    """Run deployment ``name`` as a subflow of the current flow (or task) run and return the
-    run once it is final, or as it is when ``timeout`` seconds have passed."""
+def create_subflow(name: str, parameters: dict[str, Any]) -> FlowRun:
+    """Create a run of deployment ``name`` as a subflow of the current flow (or task) run;
+    returns it at once (scheduled)."""
     run = run_coro_as_sync(_create(name, parameters))
     assert run is not None
+    return run
+
+
+def wait_for_run(run_id: UUID, poll_seconds: float, timeout: float | None) -> FlowRun:
+    """The run once it is final, or as it is when ``timeout`` seconds have passed."""
     deadline = None if timeout is None else time.monotonic() + timeout
     with get_client(sync_client=True) as client:
         while True:
-            run = client.read_flow_run(run.id)
+            run = client.read_flow_run(run_id)
             if run.state is not None and run.state.is_final():
                 return run
             if deadline is not None and time.monotonic() >= deadline:
                 return run
             time.sleep(poll_seconds)
+
+
+def stop_run(run_id: UUID) -> str | None:
+    """Cancel the run unless it is final: a run no worker has taken yet is cancelled, one
+    that may be running is set cancelling (its worker stops its process). The state it was
+    in, or None when it was final already."""
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(run_id)
+        if run.state is None or run.state.is_final():
+            return None
+        cancel = Cancelled() if run.state.is_scheduled() else Cancelling()
+        client.set_flow_run_state(run_id, cancel, force=True)
+        return run.state.name

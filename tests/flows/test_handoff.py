@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
-from tasks.handoff import BusyRetry, retry_busy, run_subflow
+from tasks.handoff import BusyRetry, create_subflow, retry_busy, stop_run
 
 
 class _Scripted:
@@ -124,7 +124,7 @@ def test_child_run_is_created_once_and_linked_while_the_api_is_busy(prefect_api,
             with temporary_settings(
                 {PREFECT_API_URL: f"{proxy.url}/api", PREFECT_CLIENT_MAX_RETRIES: 0}
             ):
-                child = run_subflow(f"handoff-child/{name}", {}, 0.2, timeout=0)
+                child = create_subflow(f"handoff-child/{name}", {})
             return child, runtime.flow_run.id
 
         child, parent_id = parent()
@@ -133,7 +133,7 @@ def test_child_run_is_created_once_and_linked_while_the_api_is_busy(prefect_api,
 
     assert (task_runs.hits, create.hits) == (2, 2)
     assert str(child.deployment_id) == str(deployment_id)
-    assert child.state is not None and child.state.is_scheduled()  # timeout=0: not waited for
+    assert child.state is not None and child.state.is_scheduled()  # created, not waited for
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(
             deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
@@ -142,3 +142,48 @@ def test_child_run_is_created_once_and_linked_while_the_api_is_busy(prefect_api,
         assert child.parent_task_run_id is not None  # a subflow of the parent run
         link = client.read_task_run(child.parent_task_run_id)
         assert str(link.flow_run_id) == str(parent_id)
+
+
+def _runs_of_new_deployment(name: str):
+    """Create deployment ``repartition/<name>`` (no worker serves it); returns a function that
+    lists its runs."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    with get_client(sync_client=True) as client:
+        flow_id = client.create_flow_from_name("repartition")
+        deployment_id = client.create_deployment(flow_id=flow_id, name=name)
+
+    def runs() -> list:
+        with get_client(sync_client=True) as client:
+            return client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
+            )
+
+    return runs
+
+
+def test_a_run_that_fails_cancels_the_repartition_run_it_started(
+    prefect_api, tmp_path, work_dir, monkeypatch
+):
+    """Deployed, ``convert`` creates the repartition run before it lists its source; when the
+    run then fails (here: the destination exists), it cancels that run, which no worker took."""
+    from flow_helpers import make_sample
+
+    from flows.convert import convert_vit
+
+    name = f"no-worker-{uuid.uuid4().hex[:6]}"
+    runs = _runs_of_new_deployment(name)
+    monkeypatch.setenv("CKPT_REPARTITION", "deployment")
+    monkeypatch.setenv("CKPT_REPARTITION_DEPLOYMENT", f"repartition/{name}")
+    monkeypatch.setenv("CKPT_SCRATCH_URL", str(tmp_path / "scratch"))
+    sample = make_sample(tmp_path, None, None, tp=2)
+    taken = tmp_path / "taken.nemo"
+    taken.write_bytes(b"someone else's model")
+    state = convert_vit(source=sample.url, destination=str(taken), return_state=True)
+    assert state.is_failed() and "exists" in state.message
+    (child,) = runs()  # created before the listing, then cancelled
+    assert child.state is not None and child.state.is_cancelled()
+    assert child.parameters["output_url"].startswith(str(tmp_path / "scratch"))
+    assert stop_run(child.id) is None  # final: nothing left to cancel
+    assert taken.read_bytes() == b"someone else's model"

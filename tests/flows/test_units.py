@@ -240,3 +240,33 @@ def test_a_source_object_overwritten_after_listing_is_noticed(s3, tmp_path, pref
     relisted = describe_source(src)  # a later listing in this process sees the new version
     assert relisted.files[0].etag != fetched.files[0].etag
     del sample
+
+
+def test_a_partition_written_from_another_version_of_the_source_is_refused(
+    s3, tmp_path, prefix, sample_factory
+):
+    """Deployed, the repartition run lists the source itself (it starts before the parent has
+    listed): the partition it leaves names the digest it read, and the parent refuses one
+    whose digest is not its own listing's (an object replaced between the two listings)."""
+    import s3fs
+
+    from tasks.convert import download_partition, require_same_source, write_partition
+
+    src = f"s3://ckpt-training/{prefix}/checkpoints"
+    sample_factory(s3, src, tp=2)
+    child = locate_checkpoint(describe_source(src), str(tmp_path / "child"))
+    location = f"s3://ckpt-scratch/{prefix}/handoff"
+    write_partition(child, 1, 1, "keep", location)
+    partition = download_partition.fn(location, str(tmp_path / "parent"))
+    assert partition.source_digest == child.digest
+    parent = locate_checkpoint(describe_source(src), str(tmp_path / "parent"))
+    require_same_source(partition, parent)  # the same objects: accepted
+
+    first = parent.files[0].url.removeprefix("s3://")
+    data = bytearray(s3.cat(first))
+    data[-1] ^= 1  # another writer replaces a rank file (same size)
+    s3fs.S3FileSystem(skip_instance_cache=True).pipe(first, bytes(data))
+    later = locate_checkpoint(describe_source(src), str(tmp_path / "parent"))
+    with pytest.raises(CkptError, match="source changed while it was converted") as info:
+        require_same_source(partition, later)
+    assert info.value.path == src and "\n" not in str(info.value)
