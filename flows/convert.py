@@ -38,6 +38,7 @@ import hashlib
 import json
 import os
 import time
+import uuid
 from dataclasses import dataclass, replace
 from uuid import UUID
 
@@ -117,7 +118,8 @@ def handoff_location(
 ) -> str:
     """A folder under ``scratch`` for this flow run's repartition run: a retry of the run finds
     its partition again (the partition names the source digest it was written from)."""
-    key = json.dumps([str(runtime.flow_run.id), target_tp, target_pp, str(precision)])
+    run_id = runtime.flow_run.id or uuid.uuid4().hex  # outside a flow run: its own folder
+    key = json.dumps([str(run_id), target_tp, target_pp, str(precision)])
     return join(scratch, f"handoff-{hashlib.sha256(key.encode()).hexdigest()[:24]}")
 
 

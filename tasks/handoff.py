@@ -8,9 +8,9 @@ API's ``503`` answers again after 50 ms, 100 ms, ... instead of the Prefect clie
 
 Why: a Prefect server on SQLite (the local stack, any server without Postgres) answers
 ``503`` when a write transaction lost a race with another writer (``SQLITE_BUSY_SNAPSHOT``).
-Creating the child run races with the server recording the parent's task runs that just
-finished, and in the local stack it lost about every other time: 2 s more, twice that when it
-lost again (measured with the parent's client in debug mode, 7 of 16 runs). The server rolled
+Creating the child run after the parent's first tasks raced with the server recording those
+task runs from their events, and in the local stack it lost about every other time: 2 s more,
+twice that when it lost again (measured with the parent's client in debug mode, 7 of 16 runs). The server rolled
 the write back, so sending it again is what the Prefect client does anyway, only later.
 Waiting for the run to end is plain polling through the usual client.
 """
