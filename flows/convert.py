@@ -296,40 +296,17 @@ def convert_pipeline(
     """The steps of ``convert`` (and ``reshard``), called inside a flow run.
 
     Verifying, a verify process starts first: it imports torch and the model while the steps
-    before verify run (see :func:`tasks.convert.start_verifier`)."""
+    before verify run (see :func:`tasks.convert.start_verifier`). Deployed, the repartition
+    run is created next (:func:`start_repartition`), and cancelled if this run fails."""
     verifier = start_verifier([u for u in (source, destination) if u]) if verify else None
-    try:
-        return _convert(
-            source, destination, checkpoint, target_tp, target_pp, precision, verify,
-            overwrite, tolerance, scratch_url, kinds, runner, verifier,
-        )  # fmt: skip
-    finally:
-        release_verifier(verifier)
-
-
-def _convert(
-    source: str,
-    destination: str | None,
-    checkpoint: str,
-    target_tp: int | None,
-    target_pp: int | None,
-    precision: str,
-    verify: bool,
-    overwrite: bool,
-    tolerance: float,
-    scratch_url: str | None,
-    kinds: tuple[str, ...],
-    runner: str | None,
-    verifier: str | None,
-) -> dict[str, str]:
-    mode = settings.runner(runner)
     handoff = None
-    if mode is None and repartition_remotely():
-        handoff = start_repartition(
-            source, checkpoint, target_tp, target_pp, precision, scratch_url
-        )
     try:
-        return _convert_source(
+        mode = settings.runner(runner)
+        if mode is None and repartition_remotely():
+            handoff = start_repartition(
+                source, checkpoint, target_tp, target_pp, precision, scratch_url
+            )
+        return _convert(
             source, destination, checkpoint, target_tp, target_pp, precision, verify,
             overwrite, tolerance, scratch_url, kinds, mode, verifier, handoff,
         )  # fmt: skip
@@ -337,9 +314,11 @@ def _convert(
         if handoff is not None:
             abandon_repartition(handoff)
         raise
+    finally:
+        release_verifier(verifier)
 
 
-def _convert_source(
+def _convert(
     source: str,
     destination: str | None,
     checkpoint: str,
