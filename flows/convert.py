@@ -34,8 +34,6 @@ Run it locally with ``convert_vit(source=..., destination=...)``; deployed as ``
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import time
 import uuid
@@ -60,6 +58,7 @@ from tasks.convert import (
     Packaged,
     Partition,
     download_partition,
+    keyed_folder,
     package,
     partition_is_present,
     partition_location,
@@ -119,8 +118,7 @@ def handoff_location(
     """A folder under ``scratch`` for this flow run's repartition run: a retry of the run finds
     its partition again (the partition names the source digest it was written from)."""
     run_id = runtime.flow_run.id or uuid.uuid4().hex  # outside a flow run: its own folder
-    key = json.dumps([str(run_id), target_tp, target_pp, str(precision)])
-    return join(scratch, f"handoff-{hashlib.sha256(key.encode()).hexdigest()[:24]}")
+    return keyed_folder(scratch, "handoff", [str(run_id), target_tp, target_pp, str(precision)])
 
 
 def start_repartition(

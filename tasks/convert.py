@@ -96,8 +96,14 @@ def partition_location(
     precision: str | int | None,
 ) -> str:
     """A folder under ``root`` named by content: the same inputs always land in the same place."""
-    key = json.dumps([fetched.content_key(), target_tp, target_pp, str(precision)])
-    return join(root, f"partition-{hashlib.sha256(key.encode()).hexdigest()[:24]}")
+    key = [fetched.content_key(), target_tp, target_pp, str(precision)]
+    return keyed_folder(root, "partition", key)
+
+
+def keyed_folder(root: str, prefix: str, key: list[str | int | None]) -> str:
+    """``<root>/<prefix>-<digest of key as JSON>``: the same key always names the same folder."""
+    digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:24]
+    return join(root, f"{prefix}-{digest}")
 
 
 def _read_partition(url: str) -> Partition | None:

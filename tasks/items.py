@@ -13,7 +13,6 @@ whose members may sit in object storage, streaming them into the ``.nemo`` witho
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
@@ -37,7 +36,7 @@ from ckptcore.plan import FilePlan, Plan
 from ckptcore.sources import open_checkpoint
 from ckptcore.storage import get_fs, is_local, join, local_path
 from tasks import settings
-from tasks.convert import PARTITION_MANIFEST, Packaged, Partition
+from tasks.convert import PARTITION_MANIFEST, Packaged, Partition, keyed_folder
 from tasks.retry import storage_retries
 from tasks.source import FetchedCheckpoint, SourceListing, changed_since_listed
 
@@ -175,8 +174,7 @@ def check_unchanged(objects: tuple[SourceObject, ...]) -> None:
 def items_location(staging: str, listing: SourceListing, plan: Plan) -> str:
     """A folder under ``staging`` named by the source's content and the plan: the same inputs
     land in the same place, so a rerun finds the items that already finished."""
-    key = json.dumps([listing.content_key(), plan.digest()])
-    return join(staging, f"items-{hashlib.sha256(key.encode()).hexdigest()[:24]}")
+    return keyed_folder(staging, "items", [listing.content_key(), plan.digest()])
 
 
 @dataclass(frozen=True)
