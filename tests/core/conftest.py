@@ -5,13 +5,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
-FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "nemo-2.3.2"
+from real_nemo import FIXTURES
 
 
 @pytest.fixture(scope="session")
 def fixtures() -> Path:
-    assert FIXTURES.is_dir(), f"NeMo fixtures not found at {FIXTURES}"
+    """The real NeMo 2.3.2 files committed with the tests."""
     return FIXTURES
 
 

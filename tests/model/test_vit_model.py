@@ -6,26 +6,20 @@ import io
 import json
 import tarfile
 from collections import OrderedDict
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from real_nemo import FIXTURES
 
 from ckptcore.errors import CkptError
 from ckptcore.model.tp_forward import forward_tensor_parallel
 from ckptcore.model.vit import VitClassificationModel, expected_shapes, vit_dims, vit_options
 
-FIXTURES = Path(__file__).resolve().parents[2].parent / "shared/fixtures/nemo-2.3.2"
 ATOL = 1e-5
 
 
 # ------------------------------------------------------------------------------------ helpers
-
-
-def _need_fixtures() -> None:
-    if not (FIXTURES / "tiny_vit_tp1.nemo").is_file():
-        pytest.skip(f"NeMo fixtures not found at {FIXTURES}")
 
 
 def _read_nemo(name: str) -> tuple[dict, list[OrderedDict]]:
@@ -41,7 +35,6 @@ def _read_nemo(name: str) -> tuple[dict, list[OrderedDict]]:
 
 @pytest.fixture(scope="module")
 def tp1() -> tuple[dict, OrderedDict]:
-    _need_fixtures()
     config, shards = _read_nemo("tiny_vit_tp1.nemo")
     assert len(shards) == 1
     return config, shards[0]
@@ -49,7 +42,6 @@ def tp1() -> tuple[dict, OrderedDict]:
 
 @pytest.fixture(scope="module")
 def tp2() -> tuple[dict, list[OrderedDict]]:
-    _need_fixtures()
     config, shards = _read_nemo("tiny_vit_tp2.nemo")
     assert len(shards) == 2
     return config, shards
@@ -58,7 +50,6 @@ def tp2() -> tuple[dict, list[OrderedDict]]:
 @pytest.fixture(scope="module")
 def forward_json() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(input images, NeMo TP1 logits, NeMo TP2 logits)."""
-    _need_fixtures()
     one = json.loads((FIXTURES / "tiny_vit_tp1_forward.json").read_text())
     two = json.loads((FIXTURES / "tiny_vit_tp2_forward.json").read_text())
     return torch.tensor(one["input"]), torch.tensor(one["logits"]), torch.tensor(two["logits"])

@@ -1,0 +1,1 @@
+"""Puts ``tests/`` on the import path, so every test module can import ``real_nemo``."""
