@@ -44,10 +44,16 @@ class RankLayout:
         if tp < 1 or pp < 1:
             raise CkptError(None, f"TP and PP must be >= 1, got TP={tp} PP={pp}")
         if num_layers % pp:
+            if num_layers < pp:
+                raise CkptError(
+                    None, f"PP={pp} is more stages than the model's {num_layers} layer(s)"
+                )
+            base, extra = divmod(num_layers, pp)
+            example = ",".join(str(base + (i >= pp - extra)) for i in range(pp))
             raise CkptError(
                 None,
                 f"PP={pp} does not divide num_layers={num_layers}; "
-                "give --layers-per-stage (e.g. 5,5,6) for an uneven split",
+                f"give --layers-per-stage (e.g. {example}) for an uneven split",
             )
         return cls(tp, pp, (num_layers // pp,) * pp)
 

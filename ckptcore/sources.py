@@ -350,12 +350,7 @@ def _assemble_ptl(
     for (rank, url), (_, sr, obj) in zip(sorted(found.files.items()), opened, strict=True):
         if not isinstance(obj, dict) or "state_dict" not in obj:
             raise CkptError(url, "not a Lightning checkpoint (no state_dict)")
-        hp = obj.get("hyper_parameters")
-        cfg = to_plain(
-            hp.get("cfg") if isinstance(hp, dict) else None, url, "hyper_parameters['cfg']"
-        )
-        if not isinstance(cfg, dict):
-            raise CkptError(url, "no hyper_parameters['cfg'] model config in the checkpoint")
+        cfg = training_config(obj.get("hyper_parameters"), url)
         if config is None:
             config = cfg
         steps[url] = obj.get("global_step")
@@ -380,6 +375,37 @@ def _assemble_ptl(
         notes=found.notes + [n for sr in ranks.values() for n in sr.notes],
         name=found.name,
     )
+
+
+def training_config(hyper_parameters: Any, url: str) -> dict:
+    """The model config in a Lightning checkpoint's ``hyper_parameters``, as plain data.
+
+    NeMo saves ``hyper_parameters`` as an OmegaConf ``DictConfig`` of the form ``{cfg: {...}}``
+    (``ModelPT`` calls ``save_hyperparameters("cfg")``); other writers leave a plain dict or
+    Lightning's ``AttributeDict`` of the same form. A mapping with no ``cfg`` entry that holds a
+    model config's own keys (a model that saved its config's fields as its hyper-parameters)
+    is read as the config itself.
+    """
+    if hyper_parameters is None:
+        raise CkptError(url, "no hyper_parameters in the checkpoint: it holds no model config")
+    hp = to_plain(hyper_parameters, url, "hyper_parameters")
+    if not isinstance(hp, dict):
+        raise CkptError(
+            url, f"hyper_parameters is a {type(hyper_parameters).__name__}, not a mapping"
+        )
+    cfg = hp.get("cfg")
+    if cfg is None and _CONFIG_KEYS <= hp.keys():
+        cfg = hp
+    if not isinstance(cfg, dict):
+        found = ", ".join(sorted(hp)[:8]) or "nothing"
+        raise CkptError(
+            url, f"no model config in hyper_parameters (no 'cfg' entry; it holds {found})"
+        )
+    return cfg
+
+
+# Keys every Megatron model config holds: a flat hyper_parameters with them is a config.
+_CONFIG_KEYS = frozenset({"hidden_size", "num_layers", "num_attention_heads"})
 
 
 def _rank_of_member(rel: str, archive: str) -> tuple[int, int] | None:

@@ -7,7 +7,8 @@ live inside the zip archive), so a multi-gigabyte optimizer state costs nothing 
 
 The allow-list covers what NeMo / PyTorch Lightning checkpoints contain: containers, torch's
 tensor-rebuild functions and storage classes, OmegaConf containers and their node/metadata classes
-(``hyper_parameters['cfg']`` is a ``DictConfig``), ``argparse.Namespace``. Any other global is
+(NeMo saves ``hyper_parameters`` itself as a ``DictConfig`` ``{cfg: ...}``), Lightning's
+``AttributeDict`` (read as a plain dict), ``argparse.Namespace``. Any other global is
 refused with a :class:`~ckptcore.errors.CkptError` naming it. :data:`TORCH_SAFE_GLOBALS` is the
 same allow-list in the form ``torch.serialization.safe_globals`` takes, for callers that want
 torch's own ``weights_only=True`` loader.
@@ -128,6 +129,37 @@ def _rebuild_parameter(data: Any, *rest: Any) -> Any:
     return data
 
 
+class _TensorType:
+    """Stands in for ``torch.Tensor`` / ``torch.nn.Parameter`` as ``_rebuild_from_type_v2``'s type."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+_TENSOR_TYPES = {
+    ("torch", "Tensor"): _TensorType("torch.Tensor"),
+    ("torch.nn.parameter", "Parameter"): _TensorType("torch.nn.Parameter"),
+}
+
+
+def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> Any:
+    """torch's rebuild of a tensor that carries Python attributes (NeMo's O2 master parameters
+    carry ``tensor_model_parallel``, ``partition_dim``, ``partition_stride``): the tensor, as a
+    :class:`TensorRef`; the attributes are dropped. Only a plain tensor or parameter rebuilt by
+    one of the functions above is accepted, never another type or function."""
+    if func not in (_rebuild_tensor, _rebuild_tensor_v3, _rebuild_parameter):
+        raise pickle.UnpicklingError(
+            "_rebuild_from_type_v2 with a function that is not a tensor rebuild"
+        )
+    if not isinstance(new_type, _TensorType):
+        raise pickle.UnpicklingError("_rebuild_from_type_v2 of a type that is not a tensor")
+    if not isinstance(args, tuple):
+        raise pickle.UnpicklingError("_rebuild_from_type_v2 without an argument tuple")
+    if state is not None and not isinstance(state, dict):
+        raise pickle.UnpicklingError("_rebuild_from_type_v2 with a state that is not a dict")
+    return func(*args)
+
+
 def _encode(text: str, encoding: str = "latin1") -> bytes:
     """``_codecs.encode``: how protocol-2 pickles spell ``bytes``."""
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
@@ -200,6 +232,20 @@ _BUILTINS = {
     "NoneType": type(None),
 }
 
+
+class AttributeDict(dict):
+    """Lightning's ``AttributeDict`` (the ``hyper_parameters`` of models that save plain keyword
+    arguments) read back as what it is: a dict. None of Lightning's code is imported or run."""
+
+
+# Where Lightning has defined ``AttributeDict`` across its releases and package names.
+_ATTRIBUTE_DICT_MODULES = (
+    "lightning.pytorch.utilities.parsing",
+    "pytorch_lightning.utilities.parsing",
+    "lightning.fabric.utilities.data",
+    "lightning_fabric.utilities.data",
+)
+
 _ALLOWED: dict[tuple[str, str], Any] = {
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("collections", "defaultdict"): collections.defaultdict,
@@ -207,10 +253,13 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
+    **_TENSOR_TYPES,
     ("torch", "Size"): tuple,
     ("_codecs", "encode"): _encode,
     ("typing", "Any"): typing.Any,
     ("argparse", "Namespace"): argparse.Namespace,
+    **{(mod, "AttributeDict"): AttributeDict for mod in _ATTRIBUTE_DICT_MODULES},
     **{("torch", cls): _StorageType(info.dtype) for cls, info in BY_STORAGE.items()},
     ("torch", "UntypedStorage"): _StorageType(DTypeName("uint8")),
     **{("torch", info.name): info.dtype for info in BY_STORAGE.values()},
@@ -232,6 +281,7 @@ def _torch_safe_globals() -> list[Any]:
     for (mod, _), obj in _ALLOWED.items():
         if mod.startswith("omegaconf") and obj not in out:
             out.append(obj)
+    out.extend((AttributeDict, f"{mod}.AttributeDict") for mod in _ATTRIBUTE_DICT_MODULES)
     return out
 
 

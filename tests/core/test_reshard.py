@@ -72,7 +72,9 @@ def test_uneven_layers_per_stage(tmp_path) -> None:
     cfg = vit_config("tiny", layers=5)
     src = str(tmp_path / "src.nemo")
     full = write_nemo(src, cfg)
-    with pytest.raises(CkptError, match="does not divide num_layers=5"):
+    with pytest.raises(
+        CkptError, match=r"does not divide num_layers=5; give --layers-per-stage \(e.g. 2,3\)"
+    ):
         convert(src, str(tmp_path / "x.nemo"), target_pp=2)
     out = str(tmp_path / "pp2.nemo")
     convert(src, out, target_pp=2, layers_per_stage=[2, 3])
@@ -163,7 +165,7 @@ def test_precision_cast_and_config(tmp_path) -> None:
     [
         (3, 1, "target TP=3 does not divide num_attention_heads=4"),
         (8, 1, "target TP=8 does not divide num_attention_heads=4"),
-        (1, 3, "PP=3 does not divide num_layers=2"),
+        (1, 3, "PP=3 is more stages than the model's 2 layer"),
     ],
 )
 def test_bad_targets_are_refused_before_writing(tmp_path, tp, pp, message) -> None:

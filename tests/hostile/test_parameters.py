@@ -20,11 +20,7 @@ def src(templates, tmp_path):
     "args, problem",
     [
         (["--target-tp", "3"], "target TP=3 does not divide num_attention_heads=4"),
-        (
-            ["--target-pp", "3"],
-            "PP=3 does not divide num_layers=2; give --layers-per-stage (e.g. 5,5,6) for an "
-            "uneven split",
-        ),
+        (["--target-pp", "3"], "PP=3 is more stages than the model's 2 layer(s)"),
         (["--layers-per-stage", "1,2"], "--layers-per-stage [1, 2] sums to 3, model has 2 layers"),
         (["--layers-per-stage", "2,0"], "--layers-per-stage needs positive counts, got [2, 0]"),
         (

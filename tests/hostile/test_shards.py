@@ -319,7 +319,7 @@ def test_lightning_checkpoint_without_a_config(templates, tmp_path, out):
     path = folder / templates.train_name
     edit_ckpt(path, lambda o: o.pop("hyper_parameters"))
     convert_refused(
-        folder, out, f"{path}: no hyper_parameters['cfg'] model config in the checkpoint"
+        folder, out, f"{path}: no hyper_parameters in the checkpoint: it holds no model config"
     )
 
 
@@ -327,9 +327,9 @@ def test_tensor_in_the_config(templates, tmp_path, out):
     folder = copy(templates.train_tp1, tmp_path / "train")
     path = folder / templates.train_name
     edit_ckpt(
-        path, lambda o: o["hyper_parameters"].__setitem__("cfg", dict(CFG, seed=torch.ones(1)))
+        path, lambda o: o.__setitem__("hyper_parameters", {"cfg": dict(CFG, seed=torch.ones(1))})
     )
-    convert_refused(folder, out, f"{path}: hyper_parameters['cfg'] holds a TensorRef value at seed")
+    convert_refused(folder, out, f"{path}: hyper_parameters holds a TensorRef value at cfg.seed")
 
 
 def test_non_tensor_value_in_the_state_dict(templates, tmp_path, out):
