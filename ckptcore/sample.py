@@ -1,9 +1,11 @@
 """Sample checkpoints: realistic NeMo ViT training folders and ``.nemo`` files of any size.
 
 Tests, benchmarks and the demo use these instead of downloading anything. The training folder
-matches what NeMo 2.x training writes (see the real structure in the fixtures): Lightning's
-top-level keys, ``hyper_parameters['cfg']`` as an OmegaConf ``DictConfig``, Adam state per
-parameter, NeMo's rank folders and file names, an optional ``-unfinished`` marker.
+matches what NeMo 2.3.2 training writes (a test holds it to the real files in
+``tests/fixtures/nemo-2.3.2``): Lightning's top-level keys and their types, ``hyper_parameters``
+itself an OmegaConf ``DictConfig`` of the form ``{cfg: {...}}``, Lightning 2.4's loop progress
+records, Adam state per parameter in NeMo's two parameter groups (with and without weight decay),
+NeMo's rank folders and file names, an optional ``-unfinished`` marker.
 """
 
 from __future__ import annotations
@@ -86,6 +88,13 @@ BASE_CONFIG: dict[str, Any] = {
         "dataloader_type": "cyclic",
         "validation_drop_last": True,
         "data_sharding": False,
+    },
+    "nsys_profile": {
+        "enabled": False,
+        "start_step": 10,
+        "end_step": 10,
+        "ranks": [0],
+        "gen_shape": False,
     },
     "optim": {"name": "fused_adam", "lr": 0.0005, "weight_decay": 0.1, "betas": [0.9, 0.999]},
     "target": TARGET,
@@ -176,8 +185,16 @@ def checkpoint_name(step: int, global_batch_size: int, last: bool) -> str:
     return f"megatron_vit_classification--val_loss=0.50-step={step}-consumed_samples={float(step * global_batch_size)}{suffix}.ckpt"
 
 
+def _decays(key: str) -> bool:
+    """NeMo's weight-decay split: biases and norm weights go to the group without decay."""
+    return not (key.endswith("bias") or "layernorm" in key)
+
+
 def _adam_state(sd: dict, step: int, g: torch.Generator, half: bool) -> dict:
-    tensors = [v for v in sd.values() if isinstance(v, torch.Tensor)]
+    named = [(k, v) for k, v in sd.items() if isinstance(v, torch.Tensor)]
+    # NeMo's two parameter groups: with weight decay first, then without; indices run on
+    tensors = [v for k, v in named if _decays(k)] + [v for k, v in named if not _decays(k)]
+    split = sum(1 for k, _ in named if _decays(k))
     state = {}
     for i, t in enumerate(tensors):
         state[i] = {
@@ -185,19 +202,73 @@ def _adam_state(sd: dict, step: int, g: torch.Generator, half: bool) -> dict:
             "exp_avg": torch.randn(t.shape, generator=g, dtype=torch.float32) * 1e-3,
             "exp_avg_sq": torch.rand(t.shape, generator=g, dtype=torch.float32) * 1e-6,
         }
-    groups = [
-        {
+
+    def group(weight_decay: float, params: list[int]) -> dict:
+        return {
+            "is_expert": False,
             "lr": 5e-4,
             "betas": (0.9, 0.999),
             "eps": 1e-8,
-            "weight_decay": 0.1,
-            "params": list(range(len(tensors))),
+            "weight_decay": weight_decay,
+            "amsgrad": False,
+            "maximize": False,
+            "foreach": None,
+            "capturable": False,
+            "differentiable": False,
+            "fused": None,
+            "decoupled_weight_decay": False,
+            "params": params,
         }
-    ]
+
+    groups = [group(0.1, list(range(split))), group(0.0, list(range(split, len(tensors))))]
     opt = {"state": state, "param_groups": groups}
     if half:
         return {"optimizer": opt, "fp32_from_fp16_params": [[t.float() for t in tensors]]}
     return opt
+
+
+def _progress(n: int, *fields: str) -> dict:
+    return {"total": dict.fromkeys(fields, n), "current": dict.fromkeys(fields, n)}
+
+
+def _loops(step: int) -> dict:
+    """Lightning 2.4's loop progress after ``step`` optimizer steps in one epoch, no validation."""
+    batches = ("ready", "completed", "started", "processed")
+
+    def eval_loop(last: bool = True) -> dict:
+        progress: dict[str, Any] = _progress(0, *batches)
+        if last:
+            progress["is_last_batch"] = False
+        return {"state_dict": {}, "batch_progress": progress}
+
+    return {
+        "fit_loop": {
+            "state_dict": {},
+            "epoch_loop.state_dict": {"_batches_that_stepped": step},
+            "epoch_loop.batch_progress": {**_progress(step, *batches), "is_last_batch": False},
+            "epoch_loop.scheduler_progress": _progress(0, "ready", "completed"),
+            "epoch_loop.automatic_optimization.state_dict": {},
+            "epoch_loop.automatic_optimization.optim_progress": {
+                "optimizer": {
+                    "step": _progress(step, "ready", "completed"),
+                    "zero_grad": _progress(step, "ready", "completed", "started"),
+                }
+            },
+            "epoch_loop.manual_optimization.state_dict": {},
+            "epoch_loop.manual_optimization.optim_step_progress": _progress(
+                0, "ready", "completed"
+            ),
+            "epoch_loop.val_loop.state_dict": {},
+            "epoch_loop.val_loop.batch_progress": {
+                **_progress(0, *batches),
+                "is_last_batch": False,
+            },
+            "epoch_progress": _progress(1, *batches),
+        },
+        "validate_loop": eval_loop(),
+        "test_loop": eval_loop(),
+        "predict_loop": eval_loop(last=False),
+    }
 
 
 def write_training_checkpoint(
@@ -238,19 +309,15 @@ def write_training_checkpoint(
             "global_step": step,
             "pytorch-lightning_version": "2.4.0",
             "state_dict": sd,
-            "loops": {
-                "fit_loop": {
-                    "state_dict": {},
-                    "epoch_loop.state_dict": {"_batches_that_stepped": step},
-                }
-            },
+            "loops": _loops(step),
             "callbacks": {},
             "optimizer_states": [_adam_state(sd, step, g, dtype != torch.float32)]
             if optimizer
             else [],
             "lr_schedulers": [],
             "hparams_name": "kwargs",
-            "hyper_parameters": {"cfg": OmegaConf.create(cfg)},
+            # NeMo's ModelPT saves hyper_parameters itself as a DictConfig {cfg: {...}}
+            "hyper_parameters": OmegaConf.create({"cfg": cfg}),
             "hparams_type": DictConfig,
         }
         # Lightning saves through a buffer, so the zip records sit under "archive/".
