@@ -305,7 +305,7 @@ def restore_model(
     dtypes = {v.dtype for v in sd.values() if isinstance(v, torch.Tensor)}
     with torch.device("meta"):  # no random init of weights about to be replaced
         model = VitClassificationModel(
-            config, dtype=dtypes.pop() if len(dtypes) == 1 else None, path=path
+            config, dtype=dtypes.pop() if len(dtypes) == 1 else None, path=path, weights=sd
         )
     # the loaded tensors become the parameters (materialize made them: no second copy)
     missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
@@ -431,7 +431,8 @@ def same_weights(a: str, model: Any, cache: RangeCache | str | None = None) -> b
     try:
         plan = build_plan(ck, 1, 1)
         try:
-            if (vit_dims(plan.config), vit_options(plan.config)) != (model.dims, model.opts):
+            built = plan.model_config
+            if (vit_dims(built), vit_options(built)) != (model.dims, model.opts):
                 return False
         except CkptError:
             return False

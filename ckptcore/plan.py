@@ -18,7 +18,7 @@ from ckptcore.dtypes import CONFIG_PRECISION, dtype_info, dtype_name
 from ckptcore.errors import CkptError
 from ckptcore.formats.torchzip import TensorSpec
 from ckptcore.layout import RankLayout
-from ckptcore.rules.table import Family, Rule, Stage, family_for
+from ckptcore.rules.table import Family, Rule, Stage, family_for, family_named
 from ckptcore.sources import Checkpoint, spec_of
 
 
@@ -81,6 +81,13 @@ class Plan:
     target: RankLayout
     config: dict = field(hash=False)
     files: tuple[FilePlan, ...] = ()
+
+    @property
+    def model_config(self) -> dict:
+        """The config for building the network: :attr:`config` (what is written out, as the
+        source wrote it) completed with what only the weights' key names tell."""
+        keys = [t.key for fp in self.files for t in fp.tensors]
+        return family_named(self.family).model_config(self.config, keys)
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -364,7 +371,7 @@ def _build_plan(
             ck.url,
             f"config says {fam.num_layers_key}={cfg_layers} but the weights hold {num_layers} layers",
         )
-    check_shapes(entries, fam, ck.config, ck.url)
+    check_shapes(entries, fam, fam.model_config(ck.config, [e.key for e in entries]), ck.url)
     tp = ck.tp if target_tp is None else int(target_tp)
     pp = ck.pp if target_pp is None else int(target_pp)
     if layers_per_stage:

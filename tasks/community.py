@@ -115,7 +115,7 @@ def verify_community(
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with open_community(fetched.local_root, layout, source_kind) as ck:
         config, sd = load_state_dict(ck)
-    source = VitClassificationModel(config, path=fetched.source)
+    source = VitClassificationModel(config, path=fetched.source, weights=sd)
     source.load_state_dict(sd, strict=False)
     output = restore_model(packaged.path)
     x = sample_images(source.cfg).to(device)

@@ -6,7 +6,7 @@ paths of ckptcore never import torch; :mod:`ckptcore.model.vit` builds the netwo
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -204,6 +204,25 @@ def vit_options(config: Mapping[str, Any], *, path: str | None = None) -> VitOpt
         layernorm_epsilon=epsilon,
         query_key_layer_scaling=_bool(config, "apply_query_key_layer_scaling", path, True),
     )
+
+
+def with_weights_layout(config: Mapping[str, Any], keys: Iterable[str]) -> dict[str, Any]:
+    """``config`` plus the switches NeMo records in no config key, read from the weights' names.
+
+    NeMo 1.23's ``VitBackbone`` always builds the patch embedding as ``linear_encoder`` (a Linear
+    over flattened patches, with a bias), NeMo 2.x always as ``conv1`` (a Conv2d without one),
+    and neither writes a config key for it. The weights say which: a ``linear_encoder.weight``
+    key means NeMo 1.23's layout, a ``conv1.weight`` key NeMo 2.x's. A ``patch_embedding`` key
+    in the config (as this project once wrote) gives way to what the weights hold. The result
+    is for building and checking the network; the config written out stays as NeMo wrote it.
+    """
+    out = dict(config)
+    names = set(keys)
+    if BACKBONE + "linear_encoder.weight" in names:
+        out["patch_embedding"] = "linear_encoder"
+    elif BACKBONE + "conv1.weight" in names:
+        out["patch_embedding"] = "conv1"
+    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from ckptcore.model.vit import (
     patches_linear,
     vit_dims,
     vit_options,
+    with_weights_layout,
 )
 
 Shard = Mapping[str, Tensor | None]
@@ -187,6 +188,8 @@ def forward_tensor_parallel(
     be identical. Runs in rank 0's ``cls_token`` dtype. Raises ``CkptError`` if a key is missing,
     a shape is not the per-rank shape, a replica differs, or the images do not fit the config.
     """
+    if shards:
+        config = with_weights_layout(config, shards[0])
     dims = vit_dims(config, path=path)
     opts = vit_options(config, path=path)
     shapes = _check_shards(config, shards, path)

@@ -42,7 +42,7 @@ matmul, and the head applied to the first class token after ``final_layernorm``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -71,6 +71,7 @@ from ckptcore.model.config import (  # noqa: F401  (re-exported)
     expected_shapes,
     vit_dims,
     vit_options,
+    with_weights_layout,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -179,7 +180,8 @@ def attention_partial(
     the ``dense`` bias: the row-parallel partial sum ``context_r @ dense_weight_r^T``.
     """
     heads = qkv_weight.shape[0] // (3 * head_dim)
-    q, k, v = split_qkv(F.linear(x, qkv_weight, qkv_bias), heads, head_dim, legacy)
+    # megatron's ColumnParallelLinear: the matmul, then the bias added (two roundings in bf16)
+    q, k, v = split_qkv(F.linear(x, qkv_weight) + qkv_bias, heads, head_dim, legacy)
     return F.linear(core_attention(q, k, v, coeff), dense_weight)
 
 
@@ -424,10 +426,15 @@ class VitClassificationModel(nn.Module):
         *,
         dtype: torch.dtype | None = None,
         path: str | None = None,
+        weights: Iterable[str] | None = None,
     ) -> None:
+        """``weights``: the key names of the weights about to be loaded, where the config may
+        leave the layout unsaid (NeMo 1.23's ``linear_encoder``: see ``with_weights_layout``);
+        ``cfg`` keeps ``config`` as given."""
         super().__init__()
-        self.dims = vit_dims(config, path=path)
-        self.opts = vit_options(config, path=path)
+        built = config if weights is None else with_weights_layout(config, weights)
+        self.dims = vit_dims(built, path=path)
+        self.opts = vit_options(built, path=path)
         self.cfg: dict[str, Any] = dict(config)
         self.model = VitNetwork(self.dims, self.opts, dtype)
         self.eval()

@@ -59,6 +59,12 @@ def _expected_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...] | N
     return expected_shapes(dict(config), tp=1)
 
 
+def _weights_layout(config: Mapping[str, Any], keys: list[str]) -> dict[str, Any]:
+    from ckptcore.model.config import with_weights_layout
+
+    return with_weights_layout(config, keys)
+
+
 def _check_target(config: Mapping[str, Any], tp: int, pp: int) -> None:
     heads = int(config.get("num_attention_heads", 0))
     ffn = int(config.get("ffn_hidden_size", 0))
@@ -76,6 +82,7 @@ VIT = register(
         rules=RULES,
         expected_shapes=_expected_shapes,
         check_target=_check_target,
+        weights_layout=_weights_layout,
         default_target=TARGET,
     )
 )

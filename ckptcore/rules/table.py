@@ -57,6 +57,8 @@ class Family:
     num_layers_key: str = "num_layers"
     expected_shapes: Callable[[Mapping[str, Any]], dict[str, tuple[int, ...] | None]] | None = None
     check_target: Callable[[Mapping[str, Any], int, int], None] | None = None
+    # the config completed with what only the weights' key names tell (see model_config)
+    weights_layout: Callable[[Mapping[str, Any], list[str]], dict[str, Any]] | None = None
     default_target: str = ""
     _compiled: list[tuple[re.Pattern, Rule]] = field(
         default_factory=list, compare=False, repr=False
@@ -84,6 +86,13 @@ class Family:
             return None
         return m.group(1), int(m.group(2)), m.group(3)
 
+    def model_config(self, config: Mapping[str, Any], keys: list[str]) -> dict[str, Any]:
+        """``config`` for building and checking the network: a family whose config leaves part
+        of the layout unsaid reads it from the weights' ``keys``."""
+        if self.weights_layout is None:
+            return dict(config)
+        return self.weights_layout(config, keys)
+
     def with_layer(self, key: str, layer: int) -> str:
         parts = self.split_layer(key)
         if parts is None:
@@ -103,6 +112,14 @@ def families() -> list[Family]:
     from ckptcore.rules import megatron_vit  # noqa: F401  (registers itself)
 
     return list(_FAMILIES)
+
+
+def family_named(name: str) -> Family:
+    """The registered family called ``name``."""
+    for fam in families():
+        if fam.name == name:
+            return fam
+    raise CkptError(None, f"no partition rule table named {name!r}")
 
 
 def family_for(config: Mapping[str, Any], keys: list[str], path: str | None = None) -> Family:
