@@ -87,6 +87,32 @@ def _positive(value: str) -> int:
     return n
 
 
+def _positive_float(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}") from None
+    if not x > 0 or x == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
+    return x
+
+
+def _positive_list(value: str) -> list[int]:
+    try:
+        return [_positive(v) for v in value.split(",")]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated positive integers like 1,4,16, got {value!r}"
+        ) from None
+
+
+def _concurrency(value: str) -> int:
+    n = _positive(value)
+    if n > 64:
+        raise argparse.ArgumentTypeError(f"expected a whole number 1..64, got {value!r}")
+    return n
+
+
 def _human(n: int) -> str:
     size = float(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -200,18 +226,35 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from ckptcore.sources import open_checkpoint
     from ckptcore.workplan import estimate, work_items
 
+    # Options of the other mode would be ignored: refuse them instead.
+    if args.estimate:
+        other = {"--checkpoint": args.checkpoint}
+    else:
+        other = {
+            "--source-tp": args.source_tp,
+            "--source-pp": args.source_pp,
+            "--gbps": args.gbps,
+            "--workers-list": args.workers_list,
+        }
+    given = ", ".join(name for name, value in other.items() if value is not None)
+    if given and args.estimate:
+        raise CkptError(None, f"{given}: not used with --estimate (a size preset has no files)")
+    if given:
+        raise CkptError(None, f"{given}: used only with --estimate")
+    gbps = args.gbps or 1.0
     if args.estimate:
         from ckptcore.sample import shape_only_checkpoint
 
-        ck = shape_only_checkpoint(args.source, args.source_tp, args.source_pp)
+        ck = shape_only_checkpoint(args.source, args.source_tp or 1, args.source_pp or 1)
     else:
-        ck = open_checkpoint(args.source, args.checkpoint)
+        ck = open_checkpoint(args.source, args.checkpoint or "last")
     with ck:
         plan = plan_conversion(
             ck, args.target_tp, args.target_pp, args.precision, args.layers_per_stage
         )
         items = work_items(ck, plan, with_ranges=args.json and not args.estimate)
-    estimates = [estimate(items, n, args.gbps) for n in args.workers_list] if args.estimate else []
+    workers_list = args.workers_list or [1, 4, 16, 64]
+    estimates = [estimate(items, n, gbps) for n in workers_list] if args.estimate else []
     if args.json:
         out = {
             "plan": plan.to_json(),
@@ -233,7 +276,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     total_r, total_w = sum(i.read_bytes for i in items), sum(i.write_bytes for i in items)
     print(f"total: reads {_human(total_r)}, writes {_human(total_w)}")
     for e in estimates:
-        print(f"  {e['workers']:>4} workers at {args.gbps:g} GB/s each: {e['seconds']:8.1f} s")
+        print(f"  {e['workers']:>4} workers at {gbps:g} GB/s each: {e['seconds']:8.1f} s")
     return 0
 
 
@@ -248,6 +291,7 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
         layout=args.layout,
         source_kind=args.source_kind,
         precision=args.precision,
+        layers_per_stage=args.layers_per_stage,
         overwrite=args.overwrite,
     )
     print(
@@ -305,10 +349,10 @@ def _add_write(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--read-concurrency",
-        type=_positive,
+        type=_concurrency,
         default=None,
         metavar="N",
-        help="ranged GETs in flight per source object in object storage (default 4, or "
+        help="ranged GETs in flight per source object in object storage, 1..64 (default 4, or "
         "CKPT_READ_CONCURRENCY)",
     )
     p.add_argument(
@@ -429,24 +473,39 @@ def build_parser() -> argparse.ArgumentParser:
         "source",
         help="a checkpoint; with --estimate a size preset (tiny ... huge, vit-70b, vit-405b)",
     )
-    p.add_argument("--checkpoint", default="last")
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help="for training folders: last (default), latest, or a file name",
+    )
     p.add_argument(
         "--estimate",
         action="store_true",
         help="plan a hypothetical model of a size preset (no files) and estimate wall times",
     )
-    p.add_argument("--source-tp", type=_positive, default=1, help="with --estimate: the source TP")
-    p.add_argument("--source-pp", type=_positive, default=1, help="with --estimate: the source PP")
+    p.add_argument(
+        "--source-tp",
+        type=_positive,
+        default=None,
+        help="with --estimate: the source TP (default 1)",
+    )
+    p.add_argument(
+        "--source-pp",
+        type=_positive,
+        default=None,
+        help="with --estimate: the source PP (default 1)",
+    )
     p.add_argument(
         "--gbps",
-        type=float,
-        default=1.0,
+        type=_positive_float,
+        default=None,
         help="with --estimate: bytes moved per worker, GB/s (default 1)",
     )
     p.add_argument(
         "--workers-list",
-        type=lambda v: [int(x) for x in v.split(",")],
-        default=[1, 4, 16, 64],
+        type=_positive_list,
+        default=None,
+        metavar="N,N,...",
         help="with --estimate: worker counts (default 1,4,16,64)",
     )
     _add_target(p)
@@ -473,7 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="patch embedding: conv1 (NeMo >= 2.0, default) or linear_encoder (NeMo 1.23)",
     )
     _add_target(p)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing destination")
 
     p = add(
         "export-hf",
@@ -483,15 +542,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("source")
     p.add_argument("dest")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing destination")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "read_concurrency", None):
-        os.environ["CKPT_READ_CONCURRENCY"] = str(args.read_concurrency)
+    concurrency = getattr(args, "read_concurrency", None)
+    before = os.environ.get("CKPT_READ_CONCURRENCY")
+    if concurrency:  # ckptcore reads it from the environment; for this command only
+        os.environ["CKPT_READ_CONCURRENCY"] = str(concurrency)
+    try:
+        return _run(args)
+    finally:
+        if concurrency:
+            if before is None:
+                os.environ.pop("CKPT_READ_CONCURRENCY", None)
+            else:
+                os.environ["CKPT_READ_CONCURRENCY"] = before
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
     except CkptError as exc:

@@ -41,7 +41,7 @@ from ckptcore.community.mapping import (
 )
 from ckptcore.dtypes import parse_precision
 from ckptcore.errors import CkptError
-from ckptcore.model.vit import expected_shapes
+from ckptcore.model.vit import expected_shapes, with_weights_layout
 from ckptcore.output import check_destination, same_location
 from ckptcore.plan import build_plan
 from ckptcore.sources import Checkpoint, LazyTensor, SourceRank
@@ -163,14 +163,17 @@ def import_hf(
     precision: str | int | None = "keep",
     overwrite: bool = False,
     progress: Progress | None = None,
+    layers_per_stage: list[int] | None = None,
 ) -> ConvertReport:
     """A transformers ``ViTForImageClassification`` or timm ViT folder -> ``.nemo`` at ``dest``.
 
     ``source`` is a local folder or fsspec URL holding ``config.json`` and the weights;
     ``source_kind`` overrides detection from ``config.json``. ``layout`` picks NeMo's patch
     embedding: ``conv1`` (NeMo >= 2.0; the patch bias is folded into the position table) or
-    ``linear_encoder`` (NeMo 1.23; bias kept). Raises ``CkptError`` for unsupported models,
-    missing files, or config and weights that disagree; nothing is left at ``dest`` then.
+    ``linear_encoder`` (NeMo 1.23; bias kept). ``layers_per_stage`` splits the layers unevenly
+    over the target pipeline stages, as in :func:`ckptcore.api.convert`. Raises ``CkptError``
+    for unsupported models, missing files, or config and weights that disagree; nothing is left
+    at ``dest`` then.
     """
     start = time.perf_counter()
     dtype = parse_precision(precision)
@@ -178,7 +181,7 @@ def import_hf(
     with open_community(source, layout, source_kind) as ck:
         if dtype is not None:
             ck.config["megatron_amp_O2"] = dtype != torch.float32
-        plan = build_plan(ck, target_tp, target_pp, None, dtype)
+        plan = build_plan(ck, target_tp, target_pp, layers_per_stage, dtype)
         return write_converted(ck, plan, source, dest, overwrite, progress=progress, start=start)
 
 
@@ -229,7 +232,7 @@ def export_hf(nemo_source: str, out_dir: str, overwrite: bool = False) -> dict[s
     start = time.perf_counter()
     _check_out_dir(out_dir, nemo_source, overwrite)
     config, state = load_state_dict(nemo_source)
-    variant = nemo_variant(config, nemo_source)
+    variant = nemo_variant(with_weights_layout(config, state), nemo_source)
     if variant.position_key in state and variant.position_key.endswith("position_embeddings"):
         state[variant.position_key + ".weight"] = state.pop(variant.position_key)
     g = variant.arch.geometry
