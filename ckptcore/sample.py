@@ -193,7 +193,10 @@ def _decays(key: str) -> bool:
 def _adam_state(sd: dict, step: int, g: torch.Generator, half: bool) -> dict:
     named = [(k, v) for k, v in sd.items() if isinstance(v, torch.Tensor)]
     # NeMo's two parameter groups: with weight decay first, then without; indices run on
-    tensors = [v for k, v in named if _decays(k)] + [v for k, v in named if not _decays(k)]
+    ordered = [(k, v) for k, v in named if _decays(k)] + [
+        (k, v) for k, v in named if not _decays(k)
+    ]
+    tensors = [v for _, v in ordered]
     split = sum(1 for k, _ in named if _decays(k))
     state = {}
     for i, t in enumerate(tensors):
@@ -223,8 +226,31 @@ def _adam_state(sd: dict, step: int, g: torch.Generator, half: bool) -> dict:
     groups = [group(0.1, list(range(split))), group(0.0, list(range(split, len(tensors))))]
     opt = {"state": state, "param_groups": groups}
     if half:
-        return {"optimizer": opt, "fp32_from_fp16_params": [[t.float() for t in tensors]]}
+        masters = [_master_copy(k, v) for k, v in ordered]
+        return {"optimizer": opt, "fp32_from_fp16_params": [masters[:split], masters[split:]]}
     return opt
+
+
+# megatron's partition attributes: (partition_dim, tensor_model_parallel) by key ending
+_PARTITIONED = {
+    "query_key_value.weight": 0,
+    "query_key_value.bias": 0,
+    "dense_h_to_4h.weight": 0,
+    "dense_h_to_4h.bias": 0,
+    "self_attention.dense.weight": 1,
+    "dense_4h_to_h.weight": 1,
+}
+
+
+def _master_copy(key: str, value: torch.Tensor) -> torch.Tensor:
+    """An O2 fp32 master copy as NeMo saves it: a float tensor carrying megatron's partition
+    attributes (which is why torch pickles it through ``_rebuild_from_type_v2``)."""
+    master = value.float()
+    dim = next((d for end, d in _PARTITIONED.items() if key.endswith(end)), None)
+    master.tensor_model_parallel = dim is not None
+    master.partition_dim = -1 if dim is None else dim
+    master.partition_stride = 1
+    return master
 
 
 def _progress(n: int, *fields: str) -> dict:
@@ -271,13 +297,24 @@ def _loops(step: int) -> dict:
     }
 
 
+def _trained_dtype(config: dict[str, Any]) -> torch.dtype:
+    """The dtype of the weights NeMo trains with ``config``: half only under megatron_amp_O2
+    (mixed precision without it keeps fp32 weights)."""
+    if not config.get("megatron_amp_O2"):
+        return torch.float32
+    precision = str(config.get("precision", 32))
+    if precision.startswith("bf16"):
+        return torch.bfloat16
+    return torch.float16 if precision.startswith("16") else torch.float32
+
+
 def write_training_checkpoint(
     folder: str,
     config: dict[str, Any],
     *,
     tp: int = 1,
     pp: int = 1,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     optimizer: bool = True,
     step: int = 100,
     epoch: int = 1,
@@ -288,11 +325,15 @@ def write_training_checkpoint(
 ) -> tuple[str, collections.OrderedDict]:
     """Write one checkpoint (all ranks) into a NeMo training ``checkpoints/`` folder.
 
-    Returns the checkpoint file name and the TP=1 state dict it was made from.
+    Returns the checkpoint file name and the TP=1 state dict it was made from. ``dtype``: the
+    weights' dtype; by default what NeMo trains with the config: half precision weights (and
+    fp32 master copies in the optimizer state) only with ``megatron_amp_O2``, fp32 otherwise.
     """
     from omegaconf import DictConfig, OmegaConf
 
     cfg = dict(config, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    if dtype is None:
+        dtype = _trained_dtype(cfg)
     if dtype != torch.float32:
         cfg.setdefault("precision", "bf16" if dtype == torch.bfloat16 else 16)
     full = state_dict if state_dict is not None else random_state_dict(cfg, seed, dtype)

@@ -1,4 +1,4 @@
-"""Compatibility with files written by the real NeMo 2.3.2 (../shared/fixtures/nemo-2.3.2)."""
+"""Compatibility with files written by the real NeMo 2.3.2 (tests/fixtures/nemo-2.3.2)."""
 
 from __future__ import annotations
 
