@@ -11,7 +11,8 @@ from typing import Any
 
 from ckptcore.errors import CkptError
 
-__all__ = ["CkptError", "VitClassificationModel"]
+__version__ = "0.2.0"
+__all__ = ["CkptError", "VitClassificationModel", "__version__"]
 
 
 def __getattr__(name: str) -> Any:  # imported on first use: torch is heavy

@@ -16,7 +16,7 @@ from typing import Any
 
 from ckptcore.dtypes import dtype_info, parse_precision
 from ckptcore.engine import execute, file_layout, iter_file, materialize, tensor_bits, write_rank
-from ckptcore.errors import CkptError, storage_error
+from ckptcore.errors import CkptError, storage_error, write_error
 from ckptcore.follow import Follower
 from ckptcore.formats import nemo as nemo_fmt
 from ckptcore.formats.zipwriter import file_sink
@@ -248,9 +248,7 @@ def write_converted(
             try:
                 staged = write_rank_files(ck, plan, stage, workers, allow_nonfinite, progress)
             except OSError as exc:
-                raise CkptError(
-                    dest, f"cannot write the staging folder {stage}: {exc.strerror or exc}"
-                ) from None
+                raise write_error(dest, f"cannot write the staging folder {stage}", exc) from None
             files: dict[str, nemo_fmt.MemberData] = dict(staged)
         else:
             files = nemo_members(ck, plan, allow_nonfinite, progress)

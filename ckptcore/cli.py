@@ -1,10 +1,11 @@
 """``ckpt``: the command line over ckptcore. Each command parses, makes one ckptcore call, prints.
 
-User errors (:class:`CkptError`) print one line ``ckpt: error: <file>: <problem>`` and exit 2,
-as do malformed arguments. Storage that fails to answer (:class:`StorageError`: a dropped
-connection, a server error; worth retrying) prints one line and exits 75 (``EX_TEMPFAIL``); an
-``OSError`` of the machine (a full disk while staging) prints one line and exits 1. Anything else
-is a bug and keeps its traceback. Nothing is left at the destination in any of these cases.
+Exit statuses (:data:`EXIT_STATUSES`, also in ``ckpt --help``): 0 done; 1 a check failed
+(``verify``: the two checkpoints' outputs differ); 2 the input or the arguments are wrong
+(:class:`CkptError`, one line ``ckpt: error: <file>: <problem>``); 70 an internal error (a bug:
+the traceback is printed); 74 the machine failed (an ``OSError`` such as a full disk, one line);
+75 storage failed to answer (:class:`StorageError`: a dropped connection, a server error; worth
+retrying, one line); 130 interrupted. Nothing is left at the destination in any failing case.
 """
 
 from __future__ import annotations
@@ -13,12 +14,30 @@ import argparse
 import json
 import os
 import sys
+import traceback
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from ckptcore.errors import CkptError, StorageError, describe
+from ckptcore import __version__
+from ckptcore.errors import CkptError, MachineError, StorageError, describe
 
+EX_OK = 0
+EX_CHECK_FAILED = 1  # verify: the outputs differ
+EX_USAGE = 2  # bad input or arguments (argparse uses 2 as well)
+EX_SOFTWARE = 70  # sysexits.h: an internal error (a bug)
+EX_IOERR = 74  # sysexits.h: the machine failed (disk full, permission, I/O error)
 EX_TEMPFAIL = 75  # sysexits.h: a temporary failure, the user is invited to retry
+EX_INTERRUPTED = 130
+
+EXIT_STATUSES = {
+    EX_OK: "done",
+    EX_CHECK_FAILED: "a check failed: verify found the outputs differ",
+    EX_USAGE: "the input or the arguments are wrong (one line names the file and the problem)",
+    EX_SOFTWARE: "internal error: a bug (the traceback is printed)",
+    EX_IOERR: "the machine failed: disk full, permission denied, I/O error",
+    EX_TEMPFAIL: "storage failed to answer (connection, server error): try again",
+    EX_INTERRUPTED: "interrupted",
+}
 
 EPILOG = """\
 examples:
@@ -30,7 +49,9 @@ examples:
   ckpt export-hf model.nemo ./vit-hf
 
 Paths may be local paths or fsspec URLs (s3://bucket/prefix, file:///...).
-"""
+
+exit status:
+""" + "\n".join(f"  {code:<4}{meaning}" for code, meaning in EXIT_STATUSES.items())
 
 
 class _Progress:
@@ -218,7 +239,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             f"{verdict}: max |logit difference| = {report.max_abs_diff:.3g} "
             f"(tolerance {report.tolerance:g}, {report.images} images; {how})"
         )
-    return 0 if report.passed else 1
+    return EX_OK if report.passed else EX_CHECK_FAILED
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -379,6 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Load, convert, import and repartition NeMo Megatron checkpoints on one CPU process.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"ckpt {__version__}", help="print the version"
     )
     sub = parser.add_subparsers(
         dest="command", metavar="COMMAND", required=True, parser_class=_Parser
@@ -566,19 +590,30 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
+    except MachineError as exc:
+        print(f"ckpt: error: {exc}", file=sys.stderr)
+        return EX_IOERR
     except CkptError as exc:
         print(f"ckpt: error: {exc}", file=sys.stderr)
-        return 2
+        return EX_USAGE
     except StorageError as exc:
         print(f"ckpt: error: {exc} (storage failure; try again)", file=sys.stderr)
         return EX_TEMPFAIL
     except OSError as exc:
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"ckpt: error: {where}{exc.strerror or describe(exc)}", file=sys.stderr)
-        return 1
+        return EX_IOERR
     except KeyboardInterrupt:
         print("ckpt: interrupted", file=sys.stderr)
-        return 130
+        return EX_INTERRUPTED
+    except Exception:
+        traceback.print_exc()
+        print(
+            f"ckpt: internal error (a bug, please report it with the traceback above); "
+            f"ckpt {__version__}",
+            file=sys.stderr,
+        )
+        return EX_SOFTWARE
 
 
 def run() -> Any:  # pragma: no cover

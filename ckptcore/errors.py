@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 
 class CkptError(Exception):
     """A problem with the user's input, reported as one line: ``<path>: <key>: <problem>``.
@@ -22,6 +24,30 @@ class CkptError(Exception):
 
     def __reduce__(self):  # picklable across process pools
         return (CkptError, (self.path, self.problem, self.key))
+
+
+class MachineError(CkptError):
+    """The machine failed a correct request: the disk is full, a file grew past its limit, an
+    I/O error. One line like any :class:`CkptError` (the ``ckpt`` command exits 74 for it)."""
+
+    def __reduce__(self):
+        return (MachineError, (self.path, self.problem, self.key))
+
+
+# errno values that say the machine failed, not the request
+_MACHINE_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in ("ENOSPC", "EFBIG", "EDQUOT", "EIO", "ENOMEM", "EROFS")
+    if hasattr(errno, name)
+)
+
+
+def write_error(path: str | None, problem: str, exc: OSError) -> CkptError:
+    """The error for a failed local write: a :class:`MachineError` when the machine failed
+    (full disk, file size limit, I/O error), else a :class:`CkptError` (no permission, no such
+    folder: the request names a place that cannot be written)."""
+    cls = MachineError if exc.errno in _MACHINE_ERRNOS else CkptError
+    return cls(path, f"{problem}: {exc.strerror or exc}")
 
 
 class StorageError(Exception):

@@ -24,7 +24,7 @@ import time
 import uuid
 from collections.abc import Iterator
 
-from ckptcore.errors import CkptError, StorageError, storage_error
+from ckptcore.errors import CkptError, StorageError, storage_error, write_error
 from ckptcore.storage import get_fs, is_local, local_path
 
 # Files of a source folder that a conversion reads: never replaced by its output.
@@ -188,7 +188,10 @@ def atomic_output(dest: str, sources: list[str] = (), overwrite: bool = False) -
             os.replace(tmp, final)
             _fsync_dir(parent)
         except OSError as exc:
-            raise CkptError(dest, f"cannot write: {exc.strerror or exc}") from None
+            if exc.filename and os.path.abspath(str(exc.filename)) not in (tmp, final):
+                # another file failed (an input being read): name it, not the destination
+                raise write_error(str(exc.filename), "failed while writing " + dest, exc) from None
+            raise write_error(dest, "cannot write", exc) from None
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
@@ -201,9 +204,7 @@ def _remote_output(dest: str) -> Iterator[str]:
         try:
             yield tmp
         except OSError as exc:
-            raise CkptError(
-                dest, f"cannot write the local copy {tmp}: {exc.strerror or exc}"
-            ) from None
+            raise write_error(dest, f"cannot write the local copy {tmp}", exc) from None
         fs, path = get_fs(dest)
         try:
             fs.put_file(tmp, path)

@@ -40,7 +40,7 @@ from ckptcore.community.mapping import (
     to_nemo,
 )
 from ckptcore.dtypes import parse_precision
-from ckptcore.errors import CkptError
+from ckptcore.errors import CkptError, write_error
 from ckptcore.model.vit import expected_shapes, with_weights_layout
 from ckptcore.output import check_destination, same_location
 from ckptcore.plan import build_plan
@@ -271,7 +271,7 @@ def export_hf(nemo_source: str, out_dir: str, overwrite: bool = False) -> dict[s
                 fs.rm(path, recursive=True)
             fs.put(tmp.rstrip("/") + "/", path, recursive=True)
     except OSError as exc:
-        raise CkptError(out_dir, f"cannot write: {exc.strerror or exc}") from None
+        raise write_error(out_dir, "cannot write", exc) from None
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)

@@ -115,7 +115,7 @@ def test_file_size_limit_while_writing(templates, out):
         "reshard", templates.nemo_tp1, out, "--target-tp", "2", preexec_fn=_fsize_limit(64 << 10)
     )
     assert proc.stderr == f"ckpt: error: {out}: cannot write: File too large\n"
-    assert proc.returncode == 2
+    assert proc.returncode == 74  # the machine failed, not the input
     assert os.listdir(out.parent) == []
 
 
@@ -136,7 +136,7 @@ def test_file_size_limit_while_staging(templates, out):
         rf"ckpt: error: {re.escape(str(out))}: cannot write the staging folder \S+: File too large\n",
         proc.stderr,
     ), proc.stderr
-    assert proc.returncode == 2
+    assert proc.returncode == 74  # the machine failed, not the input
     assert os.listdir(out.parent) == []
 
 
@@ -162,7 +162,7 @@ def test_no_space_left_on_device(templates, out, monkeypatch):
     monkeypatch.setattr(os, "copy_file_range", no_copy, raising=False)
     rc, _, err = run_cli("reshard", templates.nemo_tp1, out, "--target-tp", "2")
     assert err == f"ckpt: error: {out}: cannot write: No space left on device\n"
-    assert rc == 2
+    assert rc == 74  # the machine failed, not the input
     assert os.listdir(out.parent) == []
 
 

@@ -1,0 +1,7 @@
+"""``python -m ckptcore``: the ``ckpt`` command line."""
+
+import sys
+
+from ckptcore.cli import main
+
+sys.exit(main())
