@@ -6,6 +6,8 @@ with memory sampled every 5 ms (bench/memwatch.py):
 
 - ``cp``: copying the source .nemo to the destination and syncing it (read once, write once);
 - ``ckpt``: ``ckpt reshard`` (mmapped reads, one tensor at a time, fsynced output);
+- ``ckpt-zlib``: the same with zlib's CRC-32 instead of the ``isal`` package's (``--skip-zlib``
+  leaves it out);
 - ``naive``: extract, ``torch.load`` every shard, ``torch.cat``, ``torch.save``, tar (NeMo's way).
 
 Usage: ``python bench/reshard_bench.py [--sizes 0.3,1.2,3] [--repeat 3] [--cold] [--workers 1]``.
@@ -67,12 +69,32 @@ def drop_caches() -> None:
         pass
 
 
+ZLIB_CKPT = (
+    "import sys; from ckptcore.formats import zipwriter; zipwriter.use_fast_crc(False);"
+    "from ckptcore.cli import main; sys.exit(main(sys.argv[1:]))"
+)
+
+
 def commands(src: str, dest: str, tp: int, pp: int, workers: int) -> dict[str, list[str]]:
     py = sys.executable
+    args = [
+        "reshard",
+        src,
+        dest,
+        "--target-tp",
+        str(tp),
+        "--target-pp",
+        str(pp),
+        "--overwrite",
+        "--progress",
+        "never",
+        "--workers",
+        str(workers),
+    ]
     return {
         "cp": ["sh", "-c", f"cp '{src}' '{dest}' && sync '{dest}'"],
-        "ckpt": [py, "-m", "ckptcore.cli", "reshard", src, dest, "--target-tp", str(tp), "--target-pp", str(pp),
-                 "--overwrite", "--progress", "never", "--workers", str(workers)],
+        "ckpt": [py, "-m", "ckptcore.cli", *args],
+        "ckpt-zlib": [py, "-c", ZLIB_CKPT, *args],
         "naive": [py, os.path.join(HERE, "naive_reshard.py"), src, dest, str(tp)],
     }  # fmt: skip
 
@@ -115,6 +137,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--cases", default="tp4-tp2,tp4-tp1,tp2pp2-tp1")
     ap.add_argument("--skip-naive", action="store_true")
+    ap.add_argument("--skip-zlib", action="store_true", help="leave out the zlib-CRC variant")
     ap.add_argument(
         "--no-bytecode-cache",
         action="store_true",
@@ -140,7 +163,9 @@ def main() -> None:
             dest = os.path.join(args.out, f"out_{case}.nemo")
             row = {"gb": gb, "case": case, "bytes": nbytes}
             for name, cmd in commands(src, dest, tp, pp, args.workers).items():
-                if name == "naive" and args.skip_naive:
+                if (name == "naive" and args.skip_naive) or (
+                    name == "ckpt-zlib" and args.skip_zlib
+                ):
                     continue
                 res = measure(cmd, dest, args.cold, args.repeat, None if name == "cp" else env)
                 res["gbps"] = nbytes / res["seconds"] / 1e9
@@ -172,14 +197,14 @@ def table(rows: list[dict], cold: bool) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        for tool in ("cp", "ckpt", "naive"):
+        for tool in ("cp", "ckpt", "ckpt-zlib", "naive"):
             if tool not in row:
                 continue
             r = row[tool]
             vs_cp = r["seconds"] / row["cp"]["seconds"]
             vs_naive = (
                 f"{row['naive']['seconds'] / r['seconds']:.1f}x faster"
-                if "naive" in row and tool == "ckpt"
+                if "naive" in row and tool.startswith("ckpt")
                 else ""
             )
             lines.append(
