@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv demo test lint format bench clean
+.PHONY: venv demo test lint format bench clean check-install check-install-oldest-torch
 
 venv: $(STAMP)
 
@@ -21,6 +21,16 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -q
+
+# The base install (no extras) in a clean venv, run over the real NeMo files (make test runs it too).
+check-install:
+	$(PYTHON) tests/install/check_install.py build/venv-base
+
+# The same with the oldest supported torch. PyPI serves only CUDA builds of it for Linux (about
+# 3 GB with their nvidia-* libraries); they run on the CPU. Not part of make test for that reason.
+TORCH_OLDEST ?= torch==2.1.2
+check-install-oldest-torch:
+	$(PYTHON) tests/install/check_install.py build/venv-torch-oldest --torch '$(TORCH_OLDEST)'
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -40,7 +40,10 @@ def get_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
         return fsspec.filesystem("file"), os.path.abspath(local_path(url))
     try:
         return url_to_fs(url)
-    except (ImportError, ValueError) as exc:
+    except ImportError as exc:
+        hint = " (pip install 'ckpt-pipeline[s3]')" if url.startswith(("s3://", "s3a://")) else ""
+        raise CkptError(url, f"unsupported storage URL: {exc}{hint}") from None
+    except ValueError as exc:
         raise CkptError(url, f"unsupported storage URL: {exc}") from None
 
 

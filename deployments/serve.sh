@@ -44,6 +44,9 @@ export PREFECT_API_URL="http://127.0.0.1:${PREFECT_PORT}/api"
 # The deployments start runs as `python -m prefect.engine` (prefect.yaml): the workers' `python`
 # is this interpreter.
 export PATH="$BIN:$PATH"
+# The pipeline's flows/ and tasks/ are this repository's (only ckptcore is pip-installed): every
+# process of the stack (flow runs, Dask or Ray workers it starts) imports them from here.
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PREFECT_HOME="${PREFECT_HOME:-$STACK/prefect}"
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
 export PREFECT_WORKER_QUERY_SECONDS="${PREFECT_WORKER_QUERY_SECONDS:-1}"
