@@ -19,6 +19,7 @@ def sweep_vit(
     target_pp: int | None = 1,
     precision: str = "keep",
     verify: bool = True,
+    tolerance: float = 1e-5,
 ) -> dict[str, str]:
     """Convert what is new under ``training_prefix``; returns {destination: final state}.
 
@@ -31,6 +32,8 @@ def sweep_vit(
         target_pp: pipeline-parallel size of the outputs.
         precision: ``keep``, or a target precision.
         verify: compare logits of every conversion.
+        tolerance: the largest logit difference verify accepts (raise it with ``precision``:
+            bf16 outputs differ from fp32 sources by about 1e-2).
     """
     pending = find_unconverted(training_prefix, destination_prefix)
     get_run_logger().info("%d checkpoint(s) to convert", len(pending))
@@ -43,6 +46,7 @@ def sweep_vit(
             target_pp=target_pp,
             precision=precision,
             verify=verify,
+            tolerance=tolerance,
             overwrite=True,  # no sidecar: whatever is there is an uncommitted leftover
             return_state=True,
         )

@@ -164,6 +164,24 @@ def test_sweep_target_pp_precision_verify(tmp_path, sample_factory) -> None:
     assert record["verify"] is None and _dtypes(dest) == {torch.bfloat16}
 
 
+def test_sweep_tolerance(tmp_path, sample_factory) -> None:
+    """A precision change verifies within the tolerance given, and fails the default one."""
+    root = tmp_path / "runs"
+    sample_factory(None, None, local=str(root / "run-a" / "checkpoints"), tp=2, **CFG)
+    states = sweep_vit(
+        training_prefix=str(root), destination_prefix=str(tmp_path / "ok"), precision="bf16",
+        tolerance=0.1,
+    )  # fmt: skip
+    (dest,) = states
+    record = json.loads(open(dest + ".lineage.json").read())
+    assert states[dest] == "Completed" and record["verify"]["passed"]
+    assert record["verify"]["tolerance"] == 0.1 and record["verify"]["max_abs_diff"] > 1e-5
+    with pytest.raises(RuntimeError, match="1 of 1 conversions failed"):
+        sweep_vit(
+            training_prefix=str(root), destination_prefix=str(tmp_path / "strict"), precision="bf16"
+        )
+
+
 @pytest.fixture
 def hf_folder(tmp_path) -> str:
     """A transformers ViT folder: a tiny sample ``.nemo`` exported by ``export_hf``."""
