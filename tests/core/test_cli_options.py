@@ -13,8 +13,6 @@ a call takes milliseconds.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import os
 import tarfile
@@ -23,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import run_cli
 from helpers import local_s3, rank_state_dicts
 
 from ckptcore import cli as cli_module
@@ -76,17 +75,6 @@ COVERED = {
 }
 COVERED["reshard"] = COVERED["convert"]
 CONVERT_LIKE = ("convert", "reshard")
-
-
-def run_cli(*args: object) -> tuple[int, str, str]:
-    """``ckpt ARGS`` in this process: (exit status, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            rc = cli_module.main([str(a) for a in args])
-        except SystemExit as exc:  # argparse's exit, as the process would end
-            rc = exc.code if isinstance(exc.code, int) else 1
-    return rc, out.getvalue(), err.getvalue()
 
 
 def ok(*args: object) -> str:

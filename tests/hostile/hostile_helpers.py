@@ -8,7 +8,6 @@ cases also run ``python -m ckptcore.cli`` in a subprocess (see :func:`ckpt_proc`
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import os
@@ -20,8 +19,8 @@ import tarfile
 from pathlib import Path
 
 import torch
+from cli_runner import run_cli  # noqa: F401  (re-exported to the hostile tests)
 
-from ckptcore.cli import main as cli_main
 from ckptcore.sample import vit_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,17 +28,6 @@ CFG = vit_config("tiny")  # hidden 64, 2 layers, 4 heads, ffn 256: a few hundred
 
 
 # --------------------------------------------------------------------------- running the CLI
-
-
-def run_cli(*args: str) -> tuple[int, str, str]:
-    """``ckpt ARGS`` in this process: (exit status, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            rc = cli_main([str(a) for a in args])
-        except SystemExit as exc:  # argparse's exit, as the process would end
-            rc = exc.code if isinstance(exc.code, int) else 1
-    return rc, out.getvalue(), err.getvalue()
 
 
 def ckpt_proc(
