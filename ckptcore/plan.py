@@ -18,7 +18,8 @@ from ckptcore.dtypes import CONFIG_PRECISION, dtype_info, dtype_name
 from ckptcore.errors import CkptError
 from ckptcore.formats.torchzip import TensorSpec
 from ckptcore.layout import RankLayout
-from ckptcore.rules.table import Family, Rule, Stage, family_for, family_named
+from ckptcore.rules import family_for, family_named
+from ckptcore.rules.table import Family, Rule, Stage
 from ckptcore.sources import Checkpoint, spec_of
 
 

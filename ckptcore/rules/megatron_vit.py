@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ckptcore.errors import CkptError
-from ckptcore.rules.table import Family, Rule, Stage, register
+from ckptcore.rules.table import Family, Rule, Stage
 
 TARGET = "nemo.collections.vision.models.megatron_vit_classification_models.MegatronVitClassificationModel"
 
@@ -74,15 +74,13 @@ def _check_target(config: Mapping[str, Any], tp: int, pp: int) -> None:
         raise CkptError(None, f"target TP={tp} does not divide ffn_hidden_size={ffn}")
 
 
-VIT = register(
-    Family(
-        name="megatron_vit",
-        targets=(TARGET,),
-        layer_prefix=r"model\.backbone\.transformer\.layers\.",
-        rules=RULES,
-        expected_shapes=_expected_shapes,
-        check_target=_check_target,
-        weights_layout=_weights_layout,
-        default_target=TARGET,
-    )
+VIT = Family(
+    name="megatron_vit",
+    targets=(TARGET,),
+    layer_prefix=r"model\.backbone\.transformer\.layers\.",
+    rules=RULES,
+    expected_shapes=_expected_shapes,
+    check_target=_check_target,
+    weights_layout=_weights_layout,
+    default_target=TARGET,
 )
