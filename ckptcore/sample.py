@@ -381,7 +381,7 @@ def write_nemo(
 ) -> collections.OrderedDict:
     """Write a sample ``.nemo`` at ``path``; returns the TP=1 state dict it holds."""
 
-    from ckptcore.api import nemo_members, package_nemo
+    from ckptcore.nemo_io import nemo_members, package_nemo
     from ckptcore.plan import build_plan
 
     cfg = dict(config, tensor_model_parallel_size=1, pipeline_model_parallel_size=1)

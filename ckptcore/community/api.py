@@ -227,7 +227,7 @@ def export_hf(nemo_source: str, out_dir: str, overwrite: bool = False) -> dict[s
     ``linear_encoder`` layout convert. With ``conv1`` the patch bias is written as zeros (it lives
     in the position table). Returns a summary dict.
     """
-    from ckptcore.api import load_state_dict
+    from ckptcore.nemo_io import load_state_dict
 
     start = time.perf_counter()
     _check_out_dir(out_dir, nemo_source, overwrite)

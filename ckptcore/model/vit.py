@@ -73,6 +73,10 @@ from ckptcore.model.config import (  # noqa: F401  (re-exported)
     vit_options,
     with_weights_layout,
 )
+from ckptcore.nemo_io import load_state_dict, nemo_members, package_nemo
+from ckptcore.plan import build_plan
+from ckptcore.sources import Checkpoint
+from ckptcore.storage import RangeCache
 
 # --------------------------------------------------------------------------------------------
 # Functional pieces shared with the tensor-parallel forward
@@ -445,11 +449,35 @@ class VitClassificationModel(nn.Module):
         restore_path: str,
         map_location: str | torch.device | None = None,
         checkpoint: str = "last",
+        *,
+        cache: RangeCache | str | None = None,
     ) -> VitClassificationModel:
-        """Load a ``.nemo`` (any TP/PP, merged on load), an extracted folder or a training folder."""
-        from ckptcore.api import restore_model
+        """Load a ``.nemo`` (any TP/PP, merged on load), an extracted folder or a training folder.
 
-        return restore_model(restore_path, map_location=map_location, checkpoint=checkpoint)
+        ``cache``: a range cache folder that keeps (and reuses) what is read from object storage.
+        """
+        config, sd = load_state_dict(restore_path, checkpoint, cache)
+        dtypes = {v.dtype for v in sd.values() if isinstance(v, torch.Tensor)}
+        with torch.device("meta"):  # no random init of weights about to be replaced
+            model = cls(
+                config,
+                dtype=dtypes.pop() if len(dtypes) == 1 else None,
+                path=restore_path,
+                weights=sd,
+            )
+        # the loaded tensors become the parameters (materialize made them: no second copy)
+        missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+        if missing or unexpected:
+            raise CkptError(
+                restore_path,
+                f"weights do not fit the config: missing {missing[:3]}, unexpected {unexpected[:3]}",
+            )
+        left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        if left:
+            raise CkptError(restore_path, f"weights do not fit the config: missing {left[:3]}")
+        if map_location is not None:
+            model.to(map_location)
+        return model
 
     def save_to(
         self,
@@ -459,9 +487,17 @@ class VitClassificationModel(nn.Module):
         overwrite: bool = True,
     ) -> str:
         """Write a ``.nemo`` exactly as NeMo lays it out, split to the given TP/PP."""
-        from ckptcore.api import save_model
-
-        return save_model(self, save_path, tensor_parallel_size, pipeline_parallel_size, overwrite)
+        config = dict(self.cfg, tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
+        sd = self.state_dict()
+        cpu = type(sd)(
+            (k, v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in sd.items()
+        )
+        if hasattr(sd, "_metadata"):
+            cpu._metadata = sd._metadata  # type: ignore[attr-defined]
+        ck = Checkpoint.from_state_dicts(config, {(0, 0): cpu})
+        plan = build_plan(ck, tensor_parallel_size, pipeline_parallel_size)
+        package_nemo(nemo_members(ck, plan, allow_nonfinite=True), save_path, overwrite=overwrite)
+        return save_path
 
     @property
     def dtype(self) -> torch.dtype:
