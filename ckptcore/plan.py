@@ -479,7 +479,58 @@ def _target_tensor(
 
 
 def validate_plan(plan: Plan, ck: Checkpoint) -> None:
-    """Every target tensor is exactly covered by in-bounds source slices (no overlap, no gap)."""
+    """Every target tensor is exactly covered by in-bounds source slices, and across all target
+    files every split source shard is read exactly once along its split dim: no overlap, no gap.
+    """
+    _check_slices(plan, ck)
+    _check_tiling(plan, ck)
+
+
+def _check_tiling(plan: Plan, ck: Checkpoint) -> None:
+    """The slices read along a dim from each source shard tile it: none read twice, none left."""
+    spans: dict[tuple[int, int, str], list[tuple[int, int]]] = {}
+    dims: dict[tuple[int, int, str], int] = {}
+    for fp in plan.files:
+        for tt in fp.tensors:
+            if tt.spec is None or tt.dim is None:
+                continue
+            for pc in tt.pieces:
+                size = ck.ranks[(pc.tp_rank, pc.pp_rank)].state[pc.key].shape[tt.dim]
+                start = 0 if pc.start is None else pc.start
+                length = size if pc.length is None else pc.length
+                spans.setdefault((pc.tp_rank, pc.pp_rank, pc.key), []).append(
+                    (start, start + length)
+                )
+                dims[(pc.tp_rank, pc.pp_rank, pc.key)] = tt.dim
+    stages = {(p, key) for _, p, key in spans}
+    for p, key in sorted(stages):
+        for t in range(ck.tp):
+            if (t, p, key) not in spans:
+                raise CkptError(ck.url, f"plan never reads tp rank {t}'s shard", key)
+    for (t, p, key), found in sorted(spans.items()):
+        size = ck.ranks[(t, p)].state[key].shape
+        dim = dims[(t, p, key)]
+        end = 0
+        for lo, hi in sorted(found):
+            if lo < end:
+                raise CkptError(
+                    ck.url,
+                    f"plan reads rows {lo}..{min(hi, end)} of tp rank {t}'s shard twice",
+                    key,
+                )
+            if lo > end:
+                raise CkptError(
+                    ck.url, f"plan never reads rows {end}..{lo} of tp rank {t}'s shard", key
+                )
+            end = hi
+        if end != size[dim]:
+            raise CkptError(
+                ck.url, f"plan never reads rows {end}..{size[dim]} of tp rank {t}'s shard", key
+            )
+
+
+def _check_slices(plan: Plan, ck: Checkpoint) -> None:
+    """Every target tensor is covered by in-bounds source slices of the right total length."""
     for fp in plan.files:
         for tt in fp.tensors:
             if tt.spec is None:
