@@ -1,6 +1,6 @@
 """Benchmark: end to end with a local S3 server, TP=4 training checkpoint -> TP=2 ``.nemo`` in S3.
 
-Issue #7. Makes a ViT-Large-width training checkpoint with Adam state (``ckptcore.sample``;
+Makes a ViT-Large-width training checkpoint with Adam state (``ckptcore.sample``;
 24 layers = 1.2 GB of fp32 weights, ~3.6 GB with the optimizer state; cached under
 ``bench/out/``), puts it in moto's S3 server (its own process) behind a byte-counting proxy
 (``bench/s3_counter.py``, its own process: bytes read from S3 are what GET responses carried
