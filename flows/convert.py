@@ -79,6 +79,7 @@ from tasks.items import (
     source_objects,
     write_item,
 )
+from tasks.leases import hold, run_holds
 from tasks.lineage import RemoteRun, finish_lineage, start_lineage
 from tasks.publish import check_destination, clean_work, report_lineage, upload_task
 from tasks.source import (
@@ -87,6 +88,7 @@ from tasks.source import (
     cache_location,
     default_destination,
     fetch_location,
+    hold_source_folders,
     list_source,
     locate_checkpoint,
     source_for_reading,
@@ -197,6 +199,7 @@ def repartition_items(
         planned = work_items(ck, plan, with_ranges=False)
         source_tp, source_pp, step, epoch, notes = ck.tp, ck.pp, ck.step, ck.epoch, ck.notes
     location = items_location(staging, listing, plan)
+    hold(location)
     members = {fp.path: join(location, fp.path) for fp in plan.files}
     futures = write_item.map(
         unmapped(listing.root),
@@ -299,15 +302,16 @@ def convert_pipeline(
     verifier = start_verifier([u for u in (source, destination) if u]) if verify else None
     handoff = None
     try:
-        mode = settings.runner(runner)
-        if mode is None and repartition_remotely():
-            handoff = start_repartition(
-                source, checkpoint, target_tp, target_pp, precision, scratch_url
-            )
-        return _convert(
-            source, destination, checkpoint, target_tp, target_pp, precision, verify,
-            overwrite, tolerance, scratch_url, kinds, mode, verifier, handoff,
-        )  # fmt: skip
+        with run_holds():  # whatever this run still holds is let go when it ends
+            mode = settings.runner(runner)
+            if mode is None and repartition_remotely():
+                handoff = start_repartition(
+                    source, checkpoint, target_tp, target_pp, precision, scratch_url
+                )
+            return _convert(
+                source, destination, checkpoint, target_tp, target_pp, precision, verify,
+                overwrite, tolerance, scratch_url, kinds, mode, verifier, handoff,
+            )  # fmt: skip
     except BaseException:
         if handoff is not None:
             abandon_repartition(handoff)
@@ -339,6 +343,7 @@ def _convert(
         destination or default_destination(listing), listing.root, overwrite
     )
     work = settings.work_dir()
+    hold_source_folders(listing, work)  # runs over the same bytes share them
     check = _Check(verify, tolerance, verifier)
     if mode is not None:
         return _convert_mapped(
@@ -357,6 +362,7 @@ def _convert(
         require_same_source(partition, fetched)
     else:
         location = partition_location(work, fetched, target_tp, target_pp, precision)
+        hold(location)
         partition = run_cached(
             repartition, partition_is_present, fetched, target_tp, target_pp, precision, location
         )

@@ -10,6 +10,7 @@ from tasks import settings
 from tasks.cache import run_cached
 from tasks.community import import_community, verify_import
 from tasks.convert import package
+from tasks.leases import hold, run_holds
 from tasks.lineage import finish_lineage, start_lineage
 from tasks.publish import check_destination, clean_work, report_lineage, upload_task
 from tasks.source import fetch, fetch_location, fetched_is_present, list_source
@@ -42,25 +43,30 @@ def import_hf_vit(
         overwrite: replace an existing destination.
         tolerance: the verify bound.
     """
-    listing = list_source(source)
-    if listing.kind != "community":
-        raise CkptError(
-            source, f"is a {listing.kind} checkpoint; expected a folder with config.json"
+    with run_holds():  # whatever this run still holds is let go when it ends
+        listing = list_source(source)
+        if listing.kind != "community":
+            raise CkptError(
+                source, f"is a {listing.kind} checkpoint; expected a folder with config.json"
+            )
+        destination = check_destination(destination, listing.root, overwrite)
+        work = settings.work_dir()
+        if not listing.local:  # runs over the same bytes share the downloaded files
+            hold(fetch_location(listing, work))
+        fetched = run_cached(fetch, fetched_is_present, listing, work)
+        partition = import_community(
+            fetched, target_tp, target_pp, precision, layout, source_kind, work
         )
-    destination = check_destination(destination, listing.root, overwrite)
-    work = settings.work_dir()
-    fetched = run_cached(fetch, fetched_is_present, listing, work)
-    partition = import_community(
-        fetched, target_tp, target_pp, precision, layout, source_kind, work
-    )
-    record = start_lineage(listing, fetched, partition, destination)
-    packaged = package(partition, record, work, destination.rsplit("/", 1)[-1])
-    verified = verify_import(fetched, packaged, layout, source_kind, tolerance) if verify else None
-    upload = upload_task(destination, listing.root)
-    uploaded = upload(packaged.path, finish_lineage(record, packaged, verified))
-    report_lineage(uploaded.record)
-    work_files = [partition.url.rsplit("/", 1)[0], packaged.path.rsplit("/", 1)[0]]
-    if not listing.local:
-        work_files.append(fetch_location(listing, work))
-    clean_work(work, work_files)
-    return uploaded.record.summary()
+        record = start_lineage(listing, fetched, partition, destination)
+        packaged = package(partition, record, work, destination.rsplit("/", 1)[-1])
+        verified = (
+            verify_import(fetched, packaged, layout, source_kind, tolerance) if verify else None
+        )
+        upload = upload_task(destination, listing.root)
+        uploaded = upload(packaged.path, finish_lineage(record, packaged, verified))
+        report_lineage(uploaded.record)
+        work_files = [partition.url.rsplit("/", 1)[0], packaged.path.rsplit("/", 1)[0]]
+        if not listing.local:
+            work_files.append(fetch_location(listing, work))
+        clean_work(work, work_files)
+        return uploaded.record.summary()

@@ -17,10 +17,12 @@ from prefect import flow
 from tasks import settings
 from tasks.cache import run_cached
 from tasks.convert import partition_is_present, repartition
+from tasks.leases import run_holds
 from tasks.publish import clean_work
 from tasks.source import (
     cache_location,
     fetch_location,
+    hold_source_folders,
     list_source,
     require_digest,
     source_for_reading,
@@ -49,13 +51,16 @@ def repartition_vit(
         precision: ``keep`` or a target precision.
     """
     work = settings.work_dir()
-    listing = list_source(source, checkpoint)
-    downloaded_here = not listing.local and not os.path.exists(fetch_location(listing, work))
-    fetched = source_for_reading(listing, work)
-    require_digest(fetched, source_digest)
-    partition = run_cached(
-        repartition, partition_is_present, fetched, target_tp, target_pp, precision, output_url
-    )
-    if downloaded_here:  # not shared with a parent run on this machine: ours to remove
-        clean_work(work, [fetch_location(listing, work), cache_location(listing, work)])
-    return partition.manifest()
+    with run_holds():  # whatever this run still holds is let go when it ends
+        listing = list_source(source, checkpoint)
+        downloaded_here = not listing.local and not os.path.exists(fetch_location(listing, work))
+        if downloaded_here:  # ours to remove when done: no other run removes it meanwhile
+            hold_source_folders(listing, work)
+        fetched = source_for_reading(listing, work)
+        require_digest(fetched, source_digest)
+        partition = run_cached(
+            repartition, partition_is_present, fetched, target_tp, target_pp, precision, output_url
+        )
+        if downloaded_here:  # not shared with a parent run on this machine: ours to remove
+            clean_work(work, [fetch_location(listing, work), cache_location(listing, work)])
+        return partition.manifest()

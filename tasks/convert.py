@@ -30,6 +30,7 @@ from ckptcore.storage import get_fs, is_local, join, local_path
 from ckptcore.verify_process import VerifyProcess, VerifyProcessGone
 from tasks import settings
 from tasks.cache import ContentCache
+from tasks.leases import hold
 from tasks.progress import Progress
 from tasks.retry import storage_retries
 from tasks.source import FetchedCheckpoint, check_unchanged
@@ -216,18 +217,28 @@ def repartition(
     **storage_retries(),
 )
 def download_partition(url: str, work_dir: str) -> Partition:
-    """Copy a partition that another run left under the scratch prefix into the work folder."""
+    """Copy a partition that another run left under the scratch prefix into the work folder.
+
+    The folder is named by the partition's content, so runs that convert identical bytes at the
+    same time share it: this run holds it (:mod:`tasks.leases`), and each copy goes to a name of
+    its own before it replaces the member."""
     remote = _read_partition(url)
     if remote is None:
         raise CkptError(url, f"no {PARTITION_MANIFEST}: the repartition run did not finish")
     folder = os.path.join(work_dir, f"download-{remote.content_key()[:24]}")
+    hold(folder)
     members = {}
     for member, src in remote.members.items():
         dest = os.path.join(folder, member)
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         fs, path = get_fs(src)
-        fs.get_file(path, dest + ".part")
-        os.replace(dest + ".part", dest)
+        part = f"{dest}.part-{uuid.uuid4().hex[:8]}"
+        try:
+            fs.get_file(path, part)
+            os.replace(part, dest)
+        finally:
+            if os.path.exists(part):
+                os.unlink(part)
         members[member] = dest
     return Partition(**{**asdict(remote), "url": folder, "members": members})
 

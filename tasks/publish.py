@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -24,13 +23,14 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.assets import Asset, AssetProperties, add_asset_metadata, materialize
 from prefect.context import AssetContext
-from prefect.logging import get_run_logger
+from prefect.logging import get_logger, get_run_logger
 from prefect.tasks import MaterializingTask
 
 from ckptcore import lineage, output
 from ckptcore.errors import CkptError
 from ckptcore.storage import get_fs, is_local, local_path
 from tasks import settings
+from tasks.leases import release
 from tasks.progress import Progress
 from tasks.retry import storage_retries
 from tasks.stream import take_pending
@@ -287,25 +287,33 @@ def report_lineage(record: lineage.LineageRecord) -> None:
 def clean_work(work_dir: str, urls: list[str]) -> list[str]:
     """Remove this run's work files (local ones only under ``work_dir``); returns what went.
 
+    A local work folder another live run holds (:mod:`tasks.leases`: runs over identical
+    sources share content-named folders) is left to that run.
+
     ``CKPT_KEEP_WORK=1`` keeps them (to inspect a run, or to reuse caches across runs).
     """
     if os.environ.get("CKPT_KEEP_WORK", "").strip() not in ("", "0", "false"):
         return []
-    removed = []
+    removed: list[str] = []
+    kept: list[str] = []
     root = os.path.abspath(work_dir) + os.sep
     for url in urls:
         if is_local(url):
             path = os.path.abspath(local_path(url))
-            if not path.startswith(root) or not os.path.exists(path):
+            if not path.startswith(root):
                 continue
-            if os.path.isdir(path):
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                os.unlink(path)
+            existed = os.path.exists(path)
+            if not release(path):  # another live run still uses it: that run removes it
+                kept.append(path)
+                continue
+            if not existed:
+                continue
         else:
             fs, path = get_fs(url)
             if not fs.exists(path):
                 continue
             fs.rm(path, recursive=True)
         removed.append(url)
+    if kept:
+        get_logger("ckpt.clean-work").info("kept for other runs still using them: %s", kept)
     return removed

@@ -28,6 +28,7 @@ from ckptcore.layout import parse_rank_folder
 from ckptcore.storage import etag_of, forget_listings, get_fs, is_local, join, local_path
 from tasks import settings
 from tasks.cache import ContentCache, run_cached
+from tasks.leases import hold
 from tasks.progress import Progress
 from tasks.retry import storage_retries
 
@@ -238,6 +239,14 @@ def _download(url: str, dest: str, size: int, progress: Progress) -> str:
 def cache_location(listing: SourceListing, work_dir: str) -> str:
     """The range cache of a source read in place (removed with the run's work files)."""
     return os.path.join(work_dir, f"cache-{listing.content_key()[:24]}")
+
+
+def hold_source_folders(listing: SourceListing, work_dir: str) -> None:
+    """This run uses the content-named folders of a remote source (downloaded files, range
+    cache): no other run over the same bytes removes them meanwhile (:mod:`tasks.leases`)."""
+    if not listing.local:
+        hold(fetch_location(listing, work_dir))
+        hold(cache_location(listing, work_dir))
 
 
 def locate_checkpoint(listing: SourceListing, work_dir: str) -> FetchedCheckpoint:
