@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import traceback
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from ckptcore import __version__
+from ckptcore import __version__, settings
 from ckptcore.errors import CkptError, MachineError, StorageError, describe
 
 EX_OK = 0
@@ -34,12 +33,13 @@ EXIT_STATUSES = {
     EX_CHECK_FAILED: "a check failed: verify found the outputs differ",
     EX_USAGE: "the input or the arguments are wrong (one line names the file and the problem)",
     EX_SOFTWARE: "internal error: a bug (the traceback is printed)",
-    EX_IOERR: "the machine failed: disk full, permission denied, I/O error",
+    EX_IOERR: "the machine failed: disk full, file size limit, I/O error",
     EX_TEMPFAIL: "storage failed to answer (connection, server error): try again",
     EX_INTERRUPTED: "interrupted",
 }
 
-EPILOG = """\
+EPILOG = (
+    """\
 examples:
   ckpt inspect checkpoints/                       # a Lightning training folder
   ckpt convert checkpoints/ model.nemo            # training folder -> .nemo (keeps TP/PP)
@@ -50,8 +50,15 @@ examples:
 
 Paths may be local paths or fsspec URLs (s3://bucket/prefix, file:///...).
 
+environment (ckptcore.settings):
+"""
+    + settings.describe()
+    + """
+
 exit status:
-""" + "\n".join(f"  {code:<4}{meaning}" for code, meaning in EXIT_STATUSES.items())
+"""
+    + "\n".join(f"  {code:<4}{meaning}" for code, meaning in EXIT_STATUSES.items())
+)
 
 
 class _Progress:
@@ -574,17 +581,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     concurrency = getattr(args, "read_concurrency", None)
-    before = os.environ.get("CKPT_READ_CONCURRENCY")
-    if concurrency:  # ckptcore reads it from the environment; for this command only
-        os.environ["CKPT_READ_CONCURRENCY"] = str(concurrency)
-    try:
+    if not concurrency:
         return _run(args)
-    finally:
-        if concurrency:
-            if before is None:
-                os.environ.pop("CKPT_READ_CONCURRENCY", None)
-            else:
-                os.environ["CKPT_READ_CONCURRENCY"] = before
+    with settings.using(read_concurrency=concurrency):  # for this command only
+        return _run(args)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -23,6 +23,7 @@ from typing import Protocol
 import fsspec
 from fsspec.core import url_to_fs
 
+from ckptcore import settings
 from ckptcore.errors import CkptError
 
 
@@ -194,15 +195,10 @@ def coalesce(
     return out
 
 
-def read_concurrency(default: int = 4) -> int:
-    """Ranged GETs in flight per remote object while reading ahead: ``CKPT_READ_CONCURRENCY``
-    (the CLI's ``--read-concurrency`` sets it), else ``default``."""
-    raw = os.environ.get("CKPT_READ_CONCURRENCY", "").strip()
-    if not raw:
-        return default
-    if not raw.isdigit() or not 1 <= int(raw) <= 64:
-        raise CkptError(None, f"CKPT_READ_CONCURRENCY={raw!r}: expected a whole number 1..64")
-    return int(raw)
+def read_concurrency() -> int:
+    """Ranged GETs in flight per remote object while reading ahead (``ckptcore.settings``:
+    ``CKPT_READ_CONCURRENCY``, the CLI's ``--read-concurrency``)."""
+    return settings.current().read_concurrency
 
 
 class KeptRanges:
@@ -257,7 +253,6 @@ class RemoteFile:
     """
 
     PREFETCH_BYTES = 256 << 20  # in flight or waiting to be consumed
-    PREFETCH_REQUESTS = 4  # parallel ranged GETs per object (``CKPT_READ_CONCURRENCY``)
     PART = 64 << 20  # larger ranges are fetched in parts of this size
     GAP = 64 << 10  # announced ranges this close are fetched in one request
 
@@ -379,7 +374,7 @@ class RemoteFile:
                     continue
                 if self._pool is None:
                     self._pool = ThreadPoolExecutor(
-                        read_concurrency(self.PREFETCH_REQUESTS), thread_name_prefix="ckpt-get"
+                        read_concurrency(), thread_name_prefix="ckpt-get"
                     )
                 self._ahead[rng] = self._pool.submit(self.read, *rng)
                 self._ahead_bytes += rng[1]

@@ -31,6 +31,7 @@ import traceback
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from ckptcore import settings
 from ckptcore.errors import CkptError, StorageError
 
 if TYPE_CHECKING:
@@ -49,7 +50,7 @@ class VerifyProcess:
     def __init__(self, warm: Sequence[str] = ()) -> None:
         """Start the child; ``warm``: URLs whose stores it asks once while idle."""
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = dict(os.environ)
+        env = settings.environment()
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "ckptcore.verify_process", *warm],
@@ -87,7 +88,7 @@ class VerifyProcess:
             a=a, b=b, tolerance=tolerance, images=images, device=device, cache=cache,
             run_both=run_both,
         )  # fmt: skip
-        request["env"] = {k: v for k, v in os.environ.items() if k.startswith(_PASSED_ON)}
+        request["env"] = settings.passed_on()
         with self._lock:
             stdin, stdout = self._proc.stdin, self._proc.stdout
             assert stdin is not None and stdout is not None
@@ -143,20 +144,10 @@ class VerifyProcess:
         self.close()
 
 
-_PASSED_ON = ("AWS_", "CKPT_", "FSSPEC_")  # storage endpoints, credentials, our settings
-
-
 def _take_env(env: dict[str, str]) -> None:
     """The parent's storage and pipeline settings as of this request (a process that serves
     several runs must not keep the first one's endpoint or credentials)."""
-    changed = False
-    for key in [k for k in os.environ if k.startswith(_PASSED_ON) and k not in env]:
-        del os.environ[key]
-        changed = True
-    for key, value in env.items():
-        if os.environ.get(key) != value:
-            os.environ[key] = value
-            changed = True
+    changed = settings.take_environment(env)
     if changed:  # filesystems are cached per class with what they were made with
         import fsspec
 

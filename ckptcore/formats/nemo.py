@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import yaml
 
+from ckptcore import settings
 from ckptcore.errors import CkptError
 from ckptcore.formats.safe_pickle import to_plain
 from ckptcore.storage import ByteSource, SubRange
@@ -267,8 +268,8 @@ def default_mtime() -> int:
     Never the clock: the same input then gives the same bytes (a rerun after a crash, a cache
     keyed by sha256, two conversions compared with ``cmp``).
     """
-    value = os.environ.get("SOURCE_DATE_EPOCH", "")
-    return int(value) if value.strip().isdigit() else FIXED_MTIME
+    epoch = settings.current().source_date_epoch
+    return FIXED_MTIME if epoch is None else epoch
 
 
 def write_nemo(out, files: dict[str, MemberData], mtime: int | None = None) -> int:

@@ -81,3 +81,12 @@ def test_importing_ckptcore_brings_no_prefect() -> None:
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_only_the_settings_module_reads_the_environment() -> None:
+    readers = sorted(
+        str(path.relative_to(PACKAGE.parent))
+        for path in PACKAGE.rglob("*.py")
+        if "os.environ" in path.read_text() or "getenv(" in path.read_text()
+    )
+    assert readers == ["ckptcore/settings.py"]
