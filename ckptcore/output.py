@@ -79,6 +79,27 @@ def work_files(final: str) -> tuple[str, re.Pattern]:
     )
 
 
+def lock_file(path: str, *, blocking: bool = True) -> int | None:
+    """An open descriptor of ``path`` holding its exclusive ``flock``, won on the file that is at
+    ``path`` now: a holder that finishes may unlink the file it locked, so a lock won on an
+    unlinked file is taken again. ``blocking=False``: None at once when another holds it.
+    Raises the ``OSError`` of creating the file."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def destination_lock(dest: str) -> Iterator[str]:
     """Hold the exclusive lock of the local destination ``dest``; yields the lock file's path.
@@ -88,34 +109,16 @@ def destination_lock(dest: str) -> Iterator[str]:
     """
     final = os.path.abspath(local_path(dest))
     lock, _ = work_files(final)
-    while True:
-        try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as exc:
-            raise CkptError(dest, f"cannot create the lock file {lock}: {exc.strerror}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = ""
-            for _ in range(100):  # the holder writes its pid right after taking the lock
-                holder = _holder(fd)
-                if holder:
-                    break
-                time.sleep(0.01)
-            os.close(fd)
-            raise CkptError(
-                dest,
-                f"another run is writing this destination (lock {lock} held{holder}); "
-                "wait for it to finish or choose another destination",
-            ) from None
-        # A finishing holder unlinks the file it locked: make sure ours is still the lock file.
-        try:
-            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        os.close(fd)
+    try:
+        fd = lock_file(lock, blocking=False)
+    except OSError as exc:
+        raise CkptError(dest, f"cannot create the lock file {lock}: {exc.strerror}") from None
+    if fd is None:
+        raise CkptError(
+            dest,
+            f"another run is writing this destination (lock {lock} held{_holder(lock)}); "
+            "wait for it to finish or choose another destination",
+        )
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -126,12 +129,16 @@ def destination_lock(dest: str) -> Iterator[str]:
         os.close(fd)
 
 
-def _holder(fd: int) -> str:
-    try:
-        pid = int(os.pread(fd, 32, 0).decode().strip())
-    except (OSError, ValueError):
-        return ""
-    return f" by process {pid}"
+def _holder(lock: str) -> str:
+    """`` by process <pid>`` of the lock file's holder, which writes its pid right after it
+    takes the lock (waited for briefly), or nothing."""
+    for _ in range(100):
+        try:
+            with open(lock, encoding="ascii") as f:
+                return f" by process {int(f.read(32).strip())}"
+        except (OSError, ValueError):
+            time.sleep(0.01)
+    return ""
 
 
 def remove_stale(final: str) -> list[str]:

@@ -17,7 +17,6 @@ folder), always: only that host can tell.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -26,6 +25,7 @@ import socket
 import threading
 from collections.abc import Iterator
 
+from ckptcore.output import lock_file
 from ckptcore.storage import is_local, local_path
 
 HOLDERS = ".holders"
@@ -73,21 +73,13 @@ def _locked(folder: str) -> Iterator[str]:
     """``<folder>.holders``, locked. The last release removes that folder, lock file included:
     a run that was waiting on the removed lock file takes a new one."""
     holders = folder.rstrip("/") + HOLDERS
-    lock = os.path.join(holders, _LOCK)
     while True:
         os.makedirs(holders, exist_ok=True)
         try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
-        except FileNotFoundError:  # removed between makedirs and open
-            continue
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            current = os.stat(lock).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            current = False
-        if current:
+            fd = lock_file(os.path.join(holders, _LOCK))  # blocking: never None
             break
-        os.close(fd)
+        except FileNotFoundError:  # the folder went between makedirs and open
+            continue
     try:
         yield holders
     finally:
