@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -27,6 +28,7 @@ EX_SOFTWARE = 70  # sysexits.h: an internal error (a bug)
 EX_IOERR = 74  # sysexits.h: the machine failed (disk full, permission, I/O error)
 EX_TEMPFAIL = 75  # sysexits.h: a temporary failure, the user is invited to retry
 EX_INTERRUPTED = 130
+EX_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a command whose reader went away
 
 EXIT_STATUSES = {
     EX_OK: "done",
@@ -36,6 +38,7 @@ EXIT_STATUSES = {
     EX_IOERR: "the machine failed: disk full, file size limit, I/O error",
     EX_TEMPFAIL: "storage failed to answer (connection, server error): try again",
     EX_INTERRUPTED: "interrupted",
+    EX_BROKEN_PIPE: "the reader of the output went away (e.g. | head)",
 }
 
 EPILOG = (
@@ -599,6 +602,10 @@ def _run(args: argparse.Namespace) -> int:
     except StorageError as exc:
         print(f"ckpt: error: {exc} (storage failure; try again)", file=sys.stderr)
         return EX_TEMPFAIL
+    except BrokenPipeError:  # the reader of our output stopped (| head): nothing to report
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the final flush must not fail again
+        return EX_BROKEN_PIPE
     except OSError as exc:
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"ckpt: error: {where}{exc.strerror or describe(exc)}", file=sys.stderr)

@@ -31,7 +31,7 @@ def test_version_and_python_dash_m() -> None:
 
 def test_help_lists_every_exit_status() -> None:
     proc = _module("--help")
-    assert {0, 1, 2, 70, 74, 75, 130} == set(EXIT_STATUSES)
+    assert {0, 1, 2, 70, 74, 75, 130, 141} == set(EXIT_STATUSES)
     for code, meaning in EXIT_STATUSES.items():
         assert f"  {code:<4}{meaning}" in proc.stdout
 
@@ -74,3 +74,14 @@ def test_a_failing_input_is_named_not_the_destination(tmp_path) -> None:
     assert not isinstance(err.value, MachineError)
     assert str(err.value).startswith(f"{source}: failed while writing {dest}")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_reader_that_goes_away_is_no_error() -> None:
+    """``ckpt plan vit-70b --estimate --json | head -c 1``: the reader closes the pipe long before
+    the 600 KB are written (more than a pipe holds); no error line, status 141."""
+    command = [sys.executable, "-m", "ckptcore", "plan", "vit-70b", "--estimate", "--json"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.read(1)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert (proc.wait(timeout=120), err) == (141, "")
