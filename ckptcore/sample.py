@@ -231,22 +231,15 @@ def _adam_state(sd: dict, step: int, g: torch.Generator, half: bool) -> dict:
     return opt
 
 
-# megatron's partition attributes: (partition_dim, tensor_model_parallel) by key ending
-_PARTITIONED = {
-    "query_key_value.weight": 0,
-    "query_key_value.bias": 0,
-    "dense_h_to_4h.weight": 0,
-    "dense_h_to_4h.bias": 0,
-    "self_attention.dense.weight": 1,
-    "dense_4h_to_h.weight": 1,
-}
-
-
 def _master_copy(key: str, value: torch.Tensor) -> torch.Tensor:
     """An O2 fp32 master copy as NeMo saves it: a float tensor carrying megatron's partition
-    attributes (which is why torch pickles it through ``_rebuild_from_type_v2``)."""
+    attributes (which is why torch pickles it through ``_rebuild_from_type_v2``); the split
+    dim is the partition rule table's."""
+    from ckptcore.rules.megatron_vit import VIT
+
+    rule = VIT.rule_for(key)
+    dim = None if rule is None else rule.split_dim
     master = value.float()
-    dim = next((d for end, d in _PARTITIONED.items() if key.endswith(end)), None)
     master.tensor_model_parallel = dim is not None
     master.partition_dim = -1 if dim is None else dim
     master.partition_stride = 1
