@@ -110,9 +110,7 @@ class FollowingUpload(FollowsWriter):
     # -- the uploader -----------------------------------------------------------------------
 
     def _call(self, method: str, **kwargs: Any) -> Any:
-        from fsspec.asyn import sync
-
-        return sync(self.fs.loop, self.fs._call_s3, method, **kwargs)
+        return self.fs.call_s3(method, **kwargs)
 
     def _dispatch(self) -> None:
         number, offset = 1, 0

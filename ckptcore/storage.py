@@ -52,13 +52,9 @@ def forget_listings(url: str) -> None:
     """Drop what this process's filesystem cached about ``url`` and everything under it (fsspec
     keeps listings per process, and answers ``info`` from them), so the next listing or
     ``info`` asks the store: another writer's changes are seen."""
-    fs, path = get_fs(url)
-    path = path.rstrip("/")
-    cache = getattr(fs, "dircache", None)
-    if cache is not None:
-        for key in [k for k in list(cache) if k == path or k.startswith(path + "/")]:
-            cache.pop(key, None)
-    fs.invalidate_cache(path)  # and its parents' listings, which name it too
+    fs, _ = get_fs(url)
+    # fsspec's public call drops one path and its parents, not what lies under it: all of it
+    fs.invalidate_cache()
 
 
 def etag_of(info: dict) -> str | None:

@@ -145,7 +145,8 @@ def _record_name_hash(num_storages: int) -> str:
 
     torch combines ``std::hash`` of every record name in ``unordered_set`` order; for a state dict
     the names are fixed given the number of storages, so the values are tabulated (computed with
-    torch's own writer); beyond the table they are computed the same way on demand.
+    torch's own writer); beyond the table they are computed the same way on demand
+    (:mod:`ckptcore.formats.torch_writer`).
     """
     global _NAME_HASHES
     if _NAME_HASHES is None:
@@ -155,23 +156,16 @@ def _record_name_hash(num_storages: int) -> str:
         _NAME_HASHES = text.split()
     if num_storages < len(_NAME_HASHES):
         return _NAME_HASHES[num_storages]
-    import io
-    import zipfile
+    from ckptcore.formats.torch_writer import record_name_hash
 
-    import torch
+    return record_name_hash(state_dict_record_names(num_storages), ALIGN)
 
-    buf = io.BytesIO()
-    w = torch._C.PyTorchFileWriter(buf, True, ALIGN)
-    for name in ["data.pkl", ".format_version", ".storage_alignment", "byteorder"] + [
+
+def state_dict_record_names(num_storages: int) -> list[str]:
+    """The records ``torch.save`` writes for a state dict before its end of file."""
+    return ["data.pkl", ".format_version", ".storage_alignment", "byteorder"] + [
         f"data/{i}" for i in range(num_storages)
-    ]:
-        w.write_record(name, b"x", 1)
-    w.write_end_of_file()
-    return (
-        zipfile.ZipFile(io.BytesIO(buf.getvalue()))
-        .read("archive/.data/serialization_id")
-        .decode()[:20]
-    )
+    ]
 
 
 class FileRange:

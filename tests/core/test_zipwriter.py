@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import os
 
-import torch
-
+from ckptcore.formats.torch_writer import torch_file_writer
 from ckptcore.formats.zipwriter import TorchZipWriter, archive_size
 
 BIG = (1 << 32) + 7
 
 
 def _torch_file(path: str, records: list[tuple[str, int]]) -> None:
-    w = torch._C.PyTorchFileWriter(path, True, 64)
+    w = torch_file_writer(path, 64)
     for name, size in records:
         if size >= 1 << 20:
             w.write_record_metadata(name, size)  # skips the data: a sparse file
