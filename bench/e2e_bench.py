@@ -15,9 +15,9 @@ the process tree), the proxy's counters reset before each:
 - ``flow`` / ``flow-noverify``: ``flows.convert.convert_vit(source=s3://..., destination=s3://...nemo,
   target_tp=2, overwrite=True[, verify=False])`` against a Prefect server (the local stack,
   ``deployments/serve.sh``, started once for the benchmark); the upload streams while the
-  ``.nemo`` is written (``CKPT_UPLOAD=stream``, the default) and is completed after verify;
-  ``flow-after``: the same with ``CKPT_UPLOAD=after`` (package, verify, then upload);
-  ``flow-verify-inline``: the same with ``CKPT_VERIFY_PROCESS=inline`` (verify imports torch and
+  ``.nemo`` is written (``upload="stream"``, the default) and is completed after verify;
+  ``flow-after``: the same with ``upload="after"`` (package, verify, then upload);
+  ``flow-verify-inline``: the same with ``verify_process="inline"`` (verify imports torch and
   runs in the flow's process, not in the verify process started with the run); the
   phases are the lineage record's timings (streamed: ``upload`` overlaps ``write`` and
   ``verify``, ``commit`` is what is left of it after verify); the floor's are ``copy`` and
@@ -36,7 +36,7 @@ the process tree), the proxy's counters reset before each:
 ``--overhead``: Prefect's fixed cost per run on a tiny training checkpoint (~130 KB per rank
 file) in S3: ``convert/vit`` run through its deployment with a warm worker (submission with
 ``run_deployment(timeout=0)``, completion seen by polling the API every 0.1 s; one warm-up
-run, then N), once with ``CKPT_REPARTITION=inline`` as a job variable and once as deployed
+run, then N), once with the parameter ``repartition="inline"`` and once as deployed
 (repartition handed to ``repartition/vit`` in gpu-pool); and for comparison the same
 conversion called in one process: ``convert_vit(...)`` (a flow run, no worker) and
 ``ckptcore.api.convert`` (no Prefect). Worker settings: ``--query-seconds``
@@ -92,17 +92,18 @@ VARIANTS = {
     "floor-overlap": "floor, reads overlapped with writes",
     "flow": "convert flow (verify)",
     "flow-noverify": "convert flow (verify=False)",
-    "flow-verify-inline": "convert flow, CKPT_VERIFY_PROCESS=inline",
-    "flow-after": "convert flow, upload after verify (CKPT_UPLOAD=after)",
+    "flow-verify-inline": "convert flow, verify_process=inline",
+    "flow-after": "convert flow, upload after verify (upload=after)",
     "flow-threads": "convert flow, mapped (runner=threads)",
     "ckpt-s3": "ckpt convert s3:// → s3:// (no Prefect)",
     "download-convert-upload": "download → ckpt convert → upload",
     "naive": "naive: download → load all → cat → save → upload",
 }
 FLOW_VARIANTS = ("flow", "flow-noverify", "flow-verify-inline", "flow-after", "flow-threads")
-FLOW_ENV = {
-    "flow-after": {"CKPT_UPLOAD": "after"},
-    "flow-verify-inline": {"CKPT_VERIFY_PROCESS": "inline"},
+FLOW_PARAMS = {
+    "flow-after": {"upload": "after"},
+    "flow-verify-inline": {"verify_process": "inline"},
+    "flow-threads": {"runner": "threads"},
 }
 
 
@@ -357,9 +358,7 @@ def _weight_pieces(fs, spec: dict, stats: dict):
     for f in spec["files"]:
         bucket, key, _ = fs.split_path(f["url"])
         for start, end, recs in _coalesce([tuple(r) for r in f["ranges"]], spec["gap"]):
-            resp = sync(
-                fs.loop,
-                fs._call_s3,
+            resp = fs.call_s3(
                 "get_object",
                 Bucket=bucket,
                 Key=key,
@@ -622,7 +621,6 @@ def child_overhead(spec: dict) -> dict:
         "settings": {
             "PREFECT_WORKER_QUERY_SECONDS": PREFECT_WORKER_QUERY_SECONDS.value(),
             "PREFECT_WORKER_PREFETCH_SECONDS": PREFECT_WORKER_PREFETCH_SECONDS.value(),
-            "CKPT_POLL_SECONDS": os.environ.get("CKPT_POLL_SECONDS", "0.5 (default)"),
         },
     }
 
@@ -701,8 +699,7 @@ class Bench:
             AWS_DEFAULT_REGION="us-east-1",
             PREFECT_SERVER_ANALYTICS_ENABLED="false",
         )
-        for k in ("CKPT_RUNNER", "CKPT_STAGING_URL", "CKPT_SCRATCH_URL", "CKPT_REPARTITION",
-                  "CKPT_UPLOAD"):  # fmt: skip
+        for k in ("CKPT_STAGING_URL", "CKPT_SCRATCH_URL"):
             self.env.pop(k, None)
 
     def child(self, kind: str, spec: dict, name: str, env: dict | None = None) -> dict:
@@ -758,8 +755,7 @@ class Bench:
                 "overwrite": True,
                 "verify": variant != "flow-noverify",
             }
-            if variant == "flow-threads":
-                params["runner"] = "threads"
+            params.update(FLOW_PARAMS.get(variant, {}))
             return "flow", {"params": params}
         common = {"source": src_url, "dest": dest, "target_tp": a.target_tp, "work": child_work}
         return variant, common
@@ -789,7 +785,6 @@ class Bench:
                         raise RuntimeError("flow variants need the stack")
                     env.update(flow_env, AWS_ENDPOINT_URL_S3=self.proxy_url)
                     env["CKPT_WORK_DIR"] = child_work
-                    env.update(FLOW_ENV.get(variant, {}))
                     env.pop("CKPT_SCRATCH_URL", None)  # mapped mode: stage in the work folder
                 reset_counters(self.proxy_url)
                 r = self.child(kind, spec, f"{variant}-{rep}", env)
@@ -830,15 +825,15 @@ class Bench:
         env["PREFECT_WORKER_QUERY_SECONDS"] = f"{a.query_seconds:g}"  # as the workers have it
         params = {"source": tiny_url, "target_tp": 1, "target_pp": 1, "overwrite": True}
         out: dict = {"query_seconds": a.query_seconds, "runs": a.overhead_runs}
-        for name, jv in (
-            ("deployment-inline", {"env": {"CKPT_REPARTITION": "inline"}}),
-            ("deployment-as-deployed", None),
+        for name, choice in (
+            ("deployment-inline", {"repartition": "inline"}),
+            ("deployment-as-deployed", {}),
         ):
             spec = {
                 "deployment": "convert/vit",
-                "params": params,
+                "params": {**params, **choice},
                 "dest_prefix": f"s3://{OUT_PREFIX}/tiny-{name}",
-                "job_variables": jv,
+                "job_variables": None,
                 "n": a.overhead_runs,
                 "warmup": 1,
             }
@@ -942,7 +937,7 @@ def overhead_table(o: dict) -> str:
         "|---|---:|---|---|---|---|---|",
     ]  # fmt: skip
     names = {
-        "deployment-inline": "`convert/vit` deployment, warm worker, `CKPT_REPARTITION=inline`",
+        "deployment-inline": "`convert/vit` deployment, warm worker, `repartition=inline`",
         "deployment-as-deployed": "`convert/vit` deployment as deployed (repartition → `repartition/vit` in gpu-pool)",
     }  # fmt: skip
     for key, label in names.items():

@@ -146,6 +146,7 @@ class LineageRecord:
     destination: str
     run: RunInfo = field(default_factory=RunInfo)
     versions: dict[str, str] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)  # the worker's, as the run read them
     timings: dict[str, float] = field(default_factory=dict)
     output: OutputInfo | None = None
     verify: VerifyInfo | None = None

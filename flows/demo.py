@@ -32,7 +32,6 @@ def _configure_local_prefect(out: str) -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("CKPT_WORK_DIR", os.path.join(out, "work"))
-    os.environ["CKPT_REPARTITION"] = "inline"
 
 
 def _write_sample(folder: str) -> tuple[str, dict[str, Any]]:
@@ -105,7 +104,14 @@ def run_local(out: str) -> None:
     print("running the convert flow on Prefect's ephemeral API (first start takes a while)")
     from flows.convert import convert_vit
 
-    convert_vit(source=training, destination=dest, target_tp=1, target_pp=1, overwrite=True)
+    convert_vit(
+        source=training,
+        destination=dest,
+        target_tp=1,
+        target_pp=1,
+        overwrite=True,
+        repartition="inline",
+    )
     diff = _max_logit_diff(training, dest)
     if not diff <= TOLERANCE:
         sys.exit(f"demo: restored .nemo differs from the source: max |logit diff| {diff:.3g}")

@@ -2,7 +2,7 @@
 
 The parent names the source, the target layout and a folder under the scratch prefix; it
 creates this run before it lists the source itself. This run lists and reads the source on its
-own machine (in place, or downloaded with ``CKPT_SOURCE_READ=download``), repartitions it and
+own machine (in place, or downloaded with ``source_read="download"``), repartitions it and
 leaves the rank files plus ``partition.json`` (which names the digest of the source files it
 read: the parent checks it against its own listing) under the folder. ``source_digest``, where
 given, is checked here first.
@@ -11,6 +11,7 @@ given, is checked here first.
 from __future__ import annotations
 
 import os
+from typing import Literal
 
 from prefect import flow
 
@@ -38,6 +39,7 @@ def repartition_vit(
     target_tp: int | None = None,
     target_pp: int | None = None,
     precision: str = "keep",
+    source_read: Literal["in-place", "download"] = "in-place",
 ) -> dict:
     """Repartition one checkpoint to the target TP/PP into ``output_url``.
 
@@ -49,14 +51,15 @@ def repartition_vit(
         target_tp: output tensor-parallel size (default: the source's).
         target_pp: output pipeline-parallel size (default: the source's).
         precision: ``keep`` or a target precision.
+        source_read: read a remote source ``in-place`` or ``download`` it first.
     """
-    work = settings.work_dir()
-    with run_holds():  # whatever this run still holds is let go when it ends
+    with settings.pinned() as config, run_holds():
+        work = config.work_folder()  # whatever this run still holds is let go when it ends
         listing = list_source(source, checkpoint)
         downloaded_here = not listing.local and not os.path.exists(fetch_location(listing, work))
         if downloaded_here:  # ours to remove when done: no other run removes it meanwhile
             hold_source_folders(listing, work)
-        fetched = source_for_reading(listing, work)
+        fetched = source_for_reading(listing, work, source_read)
         require_digest(fetched, source_digest)
         partition = run_cached(
             repartition, partition_is_present, fetched, target_tp, target_pp, precision, output_url

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.convert import convert_pipeline
+from flows.convert import Repartition, SourceRead, Upload, VerifyProcess, convert_pipeline
+from flows.routes import ConvertJob
 
 
 @flow(name="reshard")
@@ -21,6 +22,11 @@ def reshard_vit(
     overwrite: bool = False,
     tolerance: float = 1e-5,
     scratch_url: str | None = None,
+    runner: str | None = None,
+    repartition: Repartition = "auto",
+    upload: Upload = "stream",
+    source_read: SourceRead = "in-place",
+    verify_process: VerifyProcess = "auto",
 ) -> dict[str, str]:
     """Repartition a ``.nemo`` to the target TP/PP, verify it, upload it with lineage.
 
@@ -34,18 +40,13 @@ def reshard_vit(
         overwrite: replace an existing destination.
         tolerance: the verify bound.
         scratch_url: scratch prefix for the repartition deployment (default
-            ``CKPT_SCRATCH_URL``); only used when deployed.
+            ``CKPT_SCRATCH_URL``).
+        runner, repartition, upload, source_read, verify_process: how the ``.nemo`` is
+            built and checked, as for ``convert``.
     """
-    return convert_pipeline(
-        source,
-        destination,
-        "last",
-        target_tp,
-        target_pp,
-        precision,
-        verify,
-        overwrite,
-        tolerance,
-        scratch_url,
+    job = ConvertJob(
+        source, destination, "last", target_tp, target_pp, precision, verify, overwrite,
+        tolerance, scratch_url, runner, repartition, upload, source_read, verify_process,
         kinds=("nemo", "nemo-dir"),
-    )
+    )  # fmt: skip
+    return convert_pipeline(job)

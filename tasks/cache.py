@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 from prefect.cache_policies import CachePolicy, TaskSource
 from prefect.context import TaskRunContext
 from prefect.tasks import Task
+from prefect.transactions import CommitMode, transaction
 from prefect.utilities.hashing import hash_objects
 
 R = TypeVar("R")
@@ -50,8 +51,12 @@ def run_cached(task: Task[..., R], is_valid: Callable[[R], bool], *args: Any, **
     Prefect reuses a persisted result by key alone. Our results name local folders or scratch
     prefixes, which a clean-up or another machine may not have: then the task runs again with
     ``refresh_cache=True`` and its new result replaces the stale one under the same key.
+
+    The result is committed at once, also inside a run's transaction: what a later step's
+    failure rolls back (an upload) is not the work a rerun resumes from.
     """
-    result = task(*args, **kwargs)
-    if is_valid(result):
-        return result
-    return task.with_options(refresh_cache=True)(*args, **kwargs)
+    with transaction(commit_mode=CommitMode.EAGER):
+        result = task(*args, **kwargs)
+        if is_valid(result):
+            return result
+        return task.with_options(refresh_cache=True)(*args, **kwargs)

@@ -7,6 +7,7 @@ written last. The ``repartition/vit`` deployment writes one; the parent flow dow
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -16,7 +17,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -295,19 +296,20 @@ _IDLE: list[VerifyProcess] = []  # at most one, kept for this process's next run
 _VERIFIERS_LOCK = threading.Lock()
 
 
-def start_verifier(urls: Sequence[str] = ()) -> str | None:
+def start_verifier(urls: Sequence[str] = (), mode: str = "auto") -> str | None:
     """A :class:`ckptcore.verify_process.VerifyProcess` for this run's verify step: the one a
     previous run in this process left idle, else a new one (which asks the stores of ``urls``,
     the run's source and destination, once while it waits); the key that names it (None:
-    ``CKPT_VERIFY_PROCESS=inline``, or ``auto`` in a process that has torch imported
-    already, or it could not start).
+    ``mode`` ``inline``, or ``auto`` in a process that has torch imported already, or it
+    could not start). ``mode`` ``warm``: always a process.
 
     A new one's imports (torch and the reference model, ~2 s of CPU) run in another process
     while this one lists, opens and converts the source, and hold none of this process's
     GIL: a helper thread doing the same slowed listing and writing by more than it saved.
     Where torch is imported already, verifying here costs no import: a process would only
     add its start and a second opening of the source."""
-    mode = settings.verify_process()
+    if mode not in ("auto", "warm", "inline"):
+        raise CkptError(None, f"verify_process={mode!r}: expected auto, warm or inline")
     if mode == "inline" or (mode == "auto" and "torch" in sys.modules):
         return None
     proc = None
@@ -343,6 +345,17 @@ def release_verifier(key: str | None) -> None:
             return
     if proc is not None:
         proc.close(wait=False)
+
+
+@contextlib.contextmanager
+def verifier_for_run(verify: bool, urls: Sequence[str], mode: str) -> Iterator[str | None]:
+    """A verify process for the block (:func:`start_verifier`; None when not verifying or
+    verifying here), released when the block ends."""
+    key = start_verifier(urls, mode) if verify else None
+    try:
+        yield key
+    finally:
+        release_verifier(key)
 
 
 def close_idle_verifiers() -> None:

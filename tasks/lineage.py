@@ -9,6 +9,7 @@ from typing import Any
 from prefect import runtime
 
 from ckptcore import lineage
+from tasks import settings
 from tasks.convert import Packaged, Partition, Verified
 from tasks.source import FetchedCheckpoint, SourceListing
 
@@ -103,6 +104,7 @@ def start_lineage(
         destination=destination,
         run=run_info(),
         versions=lineage.collect_versions(),
+        settings=settings.current().recorded(),
         timings=timings,
         notes=notes,
     )

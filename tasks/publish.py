@@ -13,7 +13,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -30,9 +30,12 @@ from ckptcore import lineage, output
 from ckptcore.errors import CkptError
 from ckptcore.storage import get_fs, is_local, local_path
 from tasks import settings
+from tasks.convert import Packaged, Verified
 from tasks.leases import release
+from tasks.lineage import finish_lineage
 from tasks.progress import Progress
 from tasks.retry import storage_retries
+from tasks.source import FetchedCheckpoint
 from tasks.stream import take_pending
 
 _ASSET_FORBIDDEN = set("\n\r\t\0 #?&%\"'<>[]{}|\\^`")
@@ -265,6 +268,32 @@ def upload_task(destination: str, source: str, streamed: bool = False) -> Materi
     )
 
 
+@dataclass(frozen=True)
+class Built:
+    """A ``.nemo`` in the work folder, ready for verify and upload: the source as read, the
+    archive, its lineage record as archived, the work files to remove at the end (and shared
+    folders outside the work folder they may sit in); ``streamed``: ``write-nemo`` wrote it
+    while its upload (``pending``) followed."""
+
+    fetched: FetchedCheckpoint
+    packaged: Packaged
+    record: lineage.LineageRecord
+    work_files: list[str]
+    pending: str | None = None
+    streamed: bool = False
+    shared_roots: tuple[str, ...] = ()
+
+
+def publish(built: Built, verified: Verified | None) -> Uploaded:
+    """The record completed with the output and the verify result, then ``upload``: the
+    ``.nemo`` (or the commit of its streamed upload), its sidecar and asset."""
+    final = finish_lineage(built.record, built.packaged, verified, streamed=built.streamed)
+    upload = upload_task(final.destination, final.source, streamed=built.streamed)
+    if built.streamed:
+        return upload(built.pending, built.packaged.path, final)
+    return upload(built.packaged.path, final)
+
+
 @task(name="report-lineage")
 def report_lineage(record: lineage.LineageRecord) -> None:
     """The lineage as a markdown page and a table of source files on the run's artifacts."""
@@ -284,23 +313,24 @@ def report_lineage(record: lineage.LineageRecord) -> None:
 
 
 @task(name="clean-work")
-def clean_work(work_dir: str, urls: list[str]) -> list[str]:
-    """Remove this run's work files (local ones only under ``work_dir``); returns what went.
+def clean_work(work_dir: str, urls: list[str], shared_roots: Sequence[str] = ()) -> list[str]:
+    """Remove this run's work files (local ones only under ``work_dir`` or ``shared_roots``);
+    returns what went.
 
     A local work folder another live run holds (:mod:`tasks.leases`: runs over identical
     sources share content-named folders) is left to that run.
 
     ``CKPT_KEEP_WORK=1`` keeps them (to inspect a run, or to reuse caches across runs).
     """
-    if os.environ.get("CKPT_KEEP_WORK", "").strip() not in ("", "0", "false"):
+    if settings.current().keep_work:
         return []
     removed: list[str] = []
     kept: list[str] = []
-    root = os.path.abspath(work_dir) + os.sep
+    roots = [os.path.abspath(r) + os.sep for r in (work_dir, *shared_roots) if is_local(r)]
     for url in urls:
         if is_local(url):
             path = os.path.abspath(local_path(url))
-            if not path.startswith(root):
+            if not path.startswith(tuple(roots)):
                 continue
             existed = os.path.exists(path)
             if not release(path):  # another live run still uses it: that run removes it

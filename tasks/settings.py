@@ -1,65 +1,176 @@
-"""Pipeline settings, read from the environment (never credentials: s3fs reads ``AWS_*`` itself).
+"""The pipeline's settings: how a worker is set up, typed, read from ``CKPT_*`` variables.
 
-| variable | default | meaning |
-|---|---|---|
-| ``CKPT_WORK_DIR`` | ``$TMPDIR/ckpt-work`` | local work folder: fetched sources, rank files, packages |
-| ``CKPT_SCRATCH_URL`` | unset | object-storage prefix for files handed between deployments |
-| ``CKPT_REPARTITION`` | ``auto`` | ``auto``: a deployed run hands repartitioning to the ``repartition/vit`` deployment, a local run does it in-process; ``inline`` / ``deployment`` force one |
-| ``CKPT_REPARTITION_DEPLOYMENT`` | ``repartition/vit`` | the deployment that repartitions |
-| ``CKPT_REPARTITION_TIMEOUT`` | unset (wait) | seconds to wait for it |
-| ``CKPT_POLL_SECONDS`` | ``0.5`` | how often a parent polls a child run (at least 0.2; each poll is one API read) |
-| ``CKPT_RETRIES`` | ``3`` | retries of storage tasks (transient errors only) |
-| ``CKPT_RETRY_BACKOFF`` | ``2`` | first retry delay in seconds, doubled each time (``0`` in tests) |
-| ``CKPT_UPLOAD_CHUNK_BYTES`` | ``67108864`` | multipart part size for S3 uploads (S3 needs >= 5 MiB) |
-| ``CKPT_VERIFY_IMAGES`` | ``1`` | images the verify step runs through source and output (each costs one forward pass of each model; one image already uses every weight, so a wrong one shows) |
-| ``CKPT_VERIFY_PROCESS`` | ``auto`` | ``warm``: a run that verifies starts a child process when it begins, which imports torch and the reference model (~2 s) while the run lists, opens and converts, then verifies there; ``inline``: verify in the flow's process; ``auto``: ``warm`` unless torch is already imported in the flow's process (a warm process that ran flows before: nothing left to gain) |
-| ``CKPT_UPLOAD`` | ``stream`` | how ``convert`` (repartitioning in-process) uploads to ``s3://``: ``stream`` writes the ``.nemo`` once, locally, while a multipart upload follows the file, completed only once verify passed (aborted otherwise); the object's metadata then lacks the output's sha256 and the verify result (the sidecar has them). ``after``: package, verify, then upload with the full metadata |
-| ``CKPT_READ_CONCURRENCY`` | ``4`` | ranged GETs in flight per source object while reading a remote source in place (read by ckptcore; each holds up to 64 MiB, within a 256 MiB read-ahead per object) |
-| ``CKPT_UPLOAD_CHECKSUM`` | ``crc32`` | S3 additional checksum of the streamed ``.nemo`` upload: ``crc32`` sends each part's CRC-32 (the store checks it and keeps the object's composite checksum), ``none`` only ETags (for S3-compatible stores without additional checksums) |
-| ``CKPT_UPLOAD_CONCURRENCY`` | ``4`` | parts of one S3 upload sent at the same time (each holds a part in memory) |
-| ``CKPT_RUNNER`` | unset (one process) | map the repartition step over the plan's work items (one task per target rank file) on a task runner: ``threads[:N]``, ``dask`` (a ``LocalCluster``), ``dask://host:8786`` (an existing scheduler; also ``tcp://``/``tls://``), ``ray``, ``ray://host:10001``; ``inline`` forces the one-process path. The ``runner`` flow parameter wins over it |
-| ``CKPT_RUNNER_WORKERS`` | unset: CPU count (threads), Dask's default (``LocalCluster``) | threads of ``threads``, worker processes of a ``dask`` ``LocalCluster`` |
-| ``CKPT_SOURCE_READ`` | ``in-place`` | how a remote source is read: ``in-place`` (ranged reads of only the records the conversion needs, kept in a local range cache for verify) or ``download`` (fetch every file first, with its sha256 in the lineage) |
-| ``CKPT_STAGING_URL`` | ``CKPT_SCRATCH_URL``, else the work folder | where mapped items write their rank files: object storage, or a folder every worker shares |
+These describe the machine a flow runs on (where its work folder is, how it talks to S3), never
+which path a run takes: that is chosen by flow parameters (``convert/vit``'s ``repartition``,
+``upload``, ``source_read``, ``verify_process``, ``runner``), visible in ``prefect.yaml`` and the
+UI. Credentials and endpoints are not settings: s3fs reads ``AWS_*`` itself.
 
-Retry settings are read when ``tasks`` is imported (Prefect fixes them on the decorator);
-the others on each call.
+A flow run loads them once when it begins (:func:`pinned`), every step of the run reads that
+same value (:func:`current`), and the lineage record keeps it (:meth:`PipelineSettings.recorded`).
+Outside a run, :func:`current` reads the environment at each call. ``python -m tasks.settings``
+lists them with the values in force; ckptcore's own settings (``CKPT_READ_CONCURRENCY``,
+``SOURCE_DATE_EPOCH``) are read by :mod:`ckptcore.settings` and listed by ``ckpt --help``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import tempfile
+from collections.abc import Iterator
+from contextvars import ContextVar
+from typing import Any, Literal
 
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from ckptcore import settings as core_settings
 from ckptcore.errors import CkptError
 
 MIN_PART_BYTES = 5 << 20
+PREFIX = "CKPT_"
 
 
-def _float(name: str, default: float) -> float:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
+class PipelineSettings(BaseSettings):
+    """One worker's setup; each field is the variable ``CKPT_<FIELD>``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=PREFIX, extra="ignore", frozen=True, env_ignore_empty=True
+    )
+
+    work_dir: str = Field(
+        "", description="local work folder: range caches, rank files, packages ($TMPDIR/ckpt-work)"
+    )
+    scratch_url: str = Field(
+        "", description="object-storage prefix for files handed between deployments"
+    )
+    staging_url: str = Field(
+        "",
+        description="where mapped items write rank files (default: the scratch prefix, else the "
+        "work folder): object storage, or a folder every worker shares",
+    )
+    repartition_deployment: str = Field(
+        "repartition/vit", description="the deployment a `repartition=deployment` run hands to"
+    )
+    repartition_timeout: float = Field(
+        0.0, ge=0, description="seconds to wait for that run (0: as long as it takes)"
+    )
+    retries: int = Field(3, ge=0, description="retries of storage tasks (transient errors only)")
+    retry_backoff: float = Field(
+        2.0, ge=0, description="first retry delay in seconds, doubled each time"
+    )
+    upload_chunk_bytes: int = Field(
+        64 << 20, ge=MIN_PART_BYTES, description="S3 multipart part size (S3 needs >= 5 MiB)"
+    )
+    upload_concurrency: int = Field(
+        4, ge=1, description="parts of one S3 upload in flight (each held in memory)"
+    )
+    upload_checksum: Literal["crc32", "none"] = Field(
+        "crc32",
+        description="additional checksum of streamed uploads: crc32, or none for stores "
+        "without additional checksums",
+    )
+    verify_images: int = Field(
+        1, ge=1, description="images verify runs through source and output (one uses every weight)"
+    )
+    keep_work: bool = Field(
+        False, description="keep a run's work files (to inspect a run, or reuse caches)"
+    )
+    runner_workers: int = Field(
+        0, ge=0, description="threads of `threads`, processes of a `dask` LocalCluster (0: auto)"
+    )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _trimmed(cls, value: Any) -> Any:
+        return value.strip() if isinstance(value, str) else value
+
+    @field_validator("upload_checksum", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    def work_folder(self) -> str:
+        """The local work folder, absolute (created on demand)."""
+        path = self.work_dir or os.path.join(tempfile.gettempdir(), "ckpt-work")
+        path = os.path.abspath(path)
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    def recorded(self) -> dict[str, Any]:
+        """What the lineage keeps: these settings and ckptcore's, as they were for the run."""
+        core = core_settings.current()
+        return {
+            **self.model_dump(),
+            "read_concurrency": core.read_concurrency,
+            "source_date_epoch": core.source_date_epoch,
+        }
+
+
+_ERRORS = {
+    "greater_than_equal": lambda e: f"must be >= {e['ctx']['ge']}",
+    "literal_error": lambda e: f"expected {e['ctx']['expected']}",
+    "bool_parsing": lambda e: "expected true or false (1 or 0)",
+}
+
+
+def load() -> PipelineSettings:
+    """The settings the environment gives now; a bad value is a one-line ``CkptError``
+    naming the variable."""
     try:
-        value = float(raw)
-    except ValueError:
-        raise CkptError(None, f"{name}={raw!r} is not a number") from None
-    if value < 0:
-        raise CkptError(None, f"{name}={raw!r} must be >= 0")
-    return value
+        return PipelineSettings()
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = str(error["loc"][0]) if error["loc"] else "?"
+        name = PREFIX + field.upper()
+        raw = os.environ.get(name, "")
+        explain = _ERRORS.get(error["type"])
+        if field == "upload_chunk_bytes" and error["type"] == "greater_than_equal":
+            why = "S3 parts must be >= 5 MiB"
+        elif explain is not None:
+            why = explain(error)
+        elif error["type"].endswith("_parsing"):
+            why = "is not a number"
+        else:
+            why = str(error["msg"])
+        raise CkptError(None, f"{name}={raw!r}: {why}") from None
+
+
+_PINNED: ContextVar[PipelineSettings | None] = ContextVar("ckpt_pipeline_settings", default=None)
+
+
+def current() -> PipelineSettings:
+    """The settings of the run in progress (:func:`pinned`), else the environment's now."""
+    return _PINNED.get() or load()
+
+
+@contextlib.contextmanager
+def pinned() -> Iterator[PipelineSettings]:
+    """Load the settings once for a run: within the block (and the tasks it starts),
+    :func:`current` answers these values. Nested, the outer run's stay."""
+    outer = _PINNED.get()
+    if outer is not None:
+        yield outer
+        return
+    token = _PINNED.set(load())
+    try:
+        yield _PINNED.get()  # type: ignore[misc]
+    finally:
+        _PINNED.reset(token)
+
+
+# The values as the steps read them.
 
 
 def work_dir() -> str:
     """The local work folder (created on demand)."""
-    path = os.environ.get("CKPT_WORK_DIR") or os.path.join(tempfile.gettempdir(), "ckpt-work")
-    path = os.path.abspath(path)
-    os.makedirs(path, exist_ok=True)
-    return path
+    return current().work_folder()
 
 
 def scratch_url(explicit: str | None = None) -> str:
     """The scratch prefix: the flow parameter if given, else ``CKPT_SCRATCH_URL``."""
-    url = explicit or os.environ.get("CKPT_SCRATCH_URL", "").strip()
+    url = (explicit or current().scratch_url).strip()
     if not url:
         raise CkptError(
             None,
@@ -69,125 +180,68 @@ def scratch_url(explicit: str | None = None) -> str:
     return url.rstrip("/")
 
 
-def source_read() -> str:
-    """``in-place`` (default) or ``download``: see ``CKPT_SOURCE_READ``."""
-    mode = os.environ.get("CKPT_SOURCE_READ", "in-place").strip() or "in-place"
-    if mode not in ("in-place", "download"):
-        raise CkptError(None, f"CKPT_SOURCE_READ={mode!r}: expected in-place or download")
-    return mode
-
-
-def repartition_mode() -> str:
-    mode = os.environ.get("CKPT_REPARTITION", "auto").strip() or "auto"
-    if mode not in ("auto", "inline", "deployment"):
-        raise CkptError(None, f"CKPT_REPARTITION={mode!r}: expected auto, inline or deployment")
-    return mode
+def staging_url(explicit_scratch: str | None = None) -> str:
+    """Where mapped items write rank files: ``CKPT_STAGING_URL``, else the scratch prefix (the
+    ``scratch_url`` parameter or ``CKPT_SCRATCH_URL``), else the local work folder."""
+    s = current()
+    url = (s.staging_url or explicit_scratch or s.scratch_url).strip()
+    return url.rstrip("/") if url else s.work_folder()
 
 
 def repartition_deployment() -> str:
-    return os.environ.get("CKPT_REPARTITION_DEPLOYMENT", "repartition/vit").strip()
+    return current().repartition_deployment.strip()
 
 
 def repartition_timeout() -> float | None:
-    value = _float("CKPT_REPARTITION_TIMEOUT", 0.0)
-    return value or None
-
-
-def poll_seconds() -> float:
-    return max(_float("CKPT_POLL_SECONDS", 0.5), 0.2)
-
-
-def retries() -> int:
-    return int(_float("CKPT_RETRIES", 3))
-
-
-def retry_backoff() -> float:
-    return _float("CKPT_RETRY_BACKOFF", 2.0)
+    return current().repartition_timeout or None
 
 
 def retry_delays() -> list[float]:
     """Delays before each retry: ``backoff * 2**i`` (Prefect adds jitter)."""
-    base = retry_backoff()
-    return [base * 2**i for i in range(retries())]
+    s = current()
+    return [s.retry_backoff * 2**i for i in range(s.retries)]
+
+
+def retries() -> int:
+    return current().retries
 
 
 def upload_chunk_bytes() -> int:
-    value = int(_float("CKPT_UPLOAD_CHUNK_BYTES", 64 << 20))
-    if value < MIN_PART_BYTES:
-        raise CkptError(None, f"CKPT_UPLOAD_CHUNK_BYTES={value}: S3 parts must be >= 5 MiB")
-    return value
-
-
-def verify_images() -> int:
-    value = int(_float("CKPT_VERIFY_IMAGES", 1))
-    if value < 1:
-        raise CkptError(None, f"CKPT_VERIFY_IMAGES={value}: must be at least 1")
-    return value
-
-
-def verify_process() -> str:
-    """``auto`` (default), ``warm`` or ``inline``: see ``CKPT_VERIFY_PROCESS``."""
-    mode = os.environ.get("CKPT_VERIFY_PROCESS", "auto").strip() or "auto"
-    if mode not in ("auto", "warm", "inline"):
-        raise CkptError(None, f"CKPT_VERIFY_PROCESS={mode!r}: expected auto, warm or inline")
-    return mode
-
-
-def upload_mode() -> str:
-    """``stream`` (default) or ``after``: see ``CKPT_UPLOAD``."""
-    mode = os.environ.get("CKPT_UPLOAD", "stream").strip() or "stream"
-    if mode not in ("stream", "after"):
-        raise CkptError(None, f"CKPT_UPLOAD={mode!r}: expected stream or after")
-    return mode
-
-
-def upload_checksum() -> str | None:
-    """``CRC32`` (default) or None: see ``CKPT_UPLOAD_CHECKSUM``."""
-    raw = os.environ.get("CKPT_UPLOAD_CHECKSUM", "crc32").strip().lower() or "crc32"
-    if raw not in ("crc32", "none"):
-        raise CkptError(None, f"CKPT_UPLOAD_CHECKSUM={raw!r}: expected crc32 or none")
-    return None if raw == "none" else "CRC32"
+    return current().upload_chunk_bytes
 
 
 def upload_concurrency() -> int:
-    value = int(_float("CKPT_UPLOAD_CONCURRENCY", 4))
-    if value < 1:
-        raise CkptError(None, f"CKPT_UPLOAD_CONCURRENCY={value}: must be at least 1")
-    return value
+    return current().upload_concurrency
 
 
-RUNNER_KINDS = ("threads", "dask", "ray")
+def upload_checksum() -> str | None:
+    """``CRC32`` (the S3 name) or None."""
+    return None if current().upload_checksum == "none" else "CRC32"
 
 
-def runner(explicit: str | None = None) -> str | None:
-    """The task runner of the mapped mode (see ``CKPT_RUNNER``); None: the one-process path.
-
-    The flow parameter wins over the environment; ``inline`` (either) means one process.
-    """
-    raw = ((explicit or "").strip() or os.environ.get("CKPT_RUNNER", "")).strip()
-    if not raw or raw in ("inline", "none"):
-        return None
-    kind = raw.split(":", 1)[0]
-    if kind not in RUNNER_KINDS + ("tcp", "tls") or (
-        kind == "threads" and raw != kind and not raw[8:].isdigit()
-    ):
-        raise CkptError(
-            None,
-            f"runner {raw!r}: expected threads[:N], dask, dask://host:port, ray, ray://host:port "
-            "or inline",
-        )
-    return raw
+def verify_images() -> int:
+    return current().verify_images
 
 
 def runner_workers() -> int | None:
     """Workers of a ``LocalCluster`` / threads of the thread runner; None: the runner decides."""
-    value = int(_float("CKPT_RUNNER_WORKERS", 0))
-    return value or None
+    return current().runner_workers or None
 
 
-def staging_url(explicit_scratch: str | None = None) -> str:
-    """Where mapped items write rank files: ``CKPT_STAGING_URL``, else the scratch prefix (the
-    ``scratch_url`` parameter or ``CKPT_SCRATCH_URL``), else the local work folder."""
-    url = os.environ.get("CKPT_STAGING_URL", "").strip()
-    url = url or explicit_scratch or os.environ.get("CKPT_SCRATCH_URL", "").strip()
-    return url.rstrip("/") if url else work_dir()
+def describe(values: PipelineSettings | None = None) -> str:
+    """The settings as a table: variable, value in force (or default), meaning."""
+    values = values or load()
+    rows = [
+        (PREFIX + name.upper(), repr(getattr(values, name)), field.description or "")
+        for name, field in PipelineSettings.model_fields.items()
+    ]
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"{n:<{width}}  {v:<12}  {m}" for n, v, m in rows)
+
+
+if __name__ == "__main__":
+    try:
+        print(describe())
+    except CkptError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -26,7 +26,6 @@ from ckptcore.formats.nemo import CONFIG_NAME
 from ckptcore.formats.ptl import find_checkpoint
 from ckptcore.layout import parse_rank_folder
 from ckptcore.storage import etag_of, forget_listings, get_fs, is_local, join, local_path
-from tasks import settings
 from tasks.cache import ContentCache, run_cached
 from tasks.leases import hold
 from tasks.progress import Progress
@@ -349,14 +348,16 @@ def list_source(source: str, checkpoint: str = "last") -> SourceListing:
 
 @task(name="locate-source")
 def locate(listing: SourceListing, work_dir: str) -> FetchedCheckpoint:
-    """Read the source in place (``CKPT_SOURCE_READ=in-place``): nothing is downloaded; the
+    """Read the source in place (``source_read="in-place"``): nothing is downloaded; the
     repartition step fetches only the records it needs, into a range cache verify reuses."""
     return locate_checkpoint(listing, work_dir)
 
 
-def source_for_reading(listing: SourceListing, work_dir: str) -> FetchedCheckpoint:
-    """``locate`` or (``CKPT_SOURCE_READ=download``, remote sources) the cached ``fetch``."""
-    if listing.local or settings.source_read() == "in-place":
+def source_for_reading(
+    listing: SourceListing, work_dir: str, read: str = "in-place"
+) -> FetchedCheckpoint:
+    """``locate`` or (``read="download"``, remote sources) the cached ``fetch``."""
+    if listing.local or read == "in-place":
         return locate(listing, work_dir)
     return run_cached(fetch, fetched_is_present, listing, work_dir)
 

@@ -5,8 +5,8 @@
 and, for an ``s3://`` destination, a :class:`ckptcore.multipart.FollowingUpload` sends its
 parts as they are written. The task returns once the file is whole; the upload goes on while
 ``verify`` checks that file, and ``upload`` (:func:`tasks.publish.commit_nemo`) completes it only
-then. Whatever fails in between aborts it (:func:`discard_pending`): nothing appears at the
-destination. This replaces repartition -> package -> upload-after, which wrote every byte three
+then. Whatever fails in between rolls back the run's transaction, whose hook aborts it
+(:func:`abort_pending_upload`): nothing appears at the destination. This replaces repartition -> package -> upload-after, which wrote every byte three
 times locally and sent it only at the end.
 
 A pending upload lives in this process (the flow's). Where it is gone (a retried ``upload``
@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.transactions import Transaction, get_transaction
 
 from ckptcore import lineage
 from ckptcore.api import nemo_members, plan_conversion, write_nemo_file
@@ -40,13 +41,9 @@ from tasks.progress import Progress
 from tasks.retry import storage_retries
 from tasks.source import FetchedCheckpoint, SourceListing, check_unchanged
 
+PENDING_NAME = "pending_upload"  # the transaction value naming the upload
 _PENDING: dict[str, FollowingUpload] = {}
 _LOCK = threading.Lock()
-
-
-def streams_upload(destination: str) -> bool:
-    """Does ``convert`` stream its upload to ``destination``? (``CKPT_UPLOAD``, S3 only)"""
-    return is_s3(destination) and settings.upload_mode() == "stream"
 
 
 def take_pending(key: str | None) -> FollowingUpload | None:
@@ -142,6 +139,16 @@ def write_nemo(
         key = uuid.uuid4().hex
         with _LOCK:
             _PENDING[key] = upload
+        txn = get_transaction()
+        if txn is not None:  # what the rollback hook aborts
+            txn.set(PENDING_NAME, key)
     seconds = time.perf_counter() - start
     packaged = Packaged(out_path, size, sha256, seconds)
     return Written(packaged, record.with_timing("write", seconds), key)
+
+
+@write_nemo.on_rollback
+def abort_pending_upload(txn: Transaction) -> None:
+    """The run's transaction rolled back (verify or the commit failed): abort the multipart
+    upload write-nemo started, so nothing appears at the destination."""
+    discard_pending(txn.get(PENDING_NAME, None))

@@ -83,12 +83,13 @@ def _pending_uploads(s3, bucket: str, prefix: str) -> list[dict]:
 def test_tp2_training_checkpoint_in_s3_becomes_tp1_nemo_in_s3(
     s3, work_dir, prefix, sample_factory, monkeypatch, upload
 ):
-    monkeypatch.setenv("CKPT_UPLOAD", upload)
     src = f"s3://ckpt-training/{prefix}/checkpoints"
     dest = f"s3://ckpt-models/{prefix}/vit-tp1.nemo"
     sample = sample_factory(s3, src, tp=2)
 
-    state = convert_vit(source=src, destination=dest, target_tp=1, target_pp=1, return_state=True)
+    state = convert_vit(
+        upload=upload, source=src, destination=dest, target_tp=1, target_pp=1, return_state=True
+    )
     assert state.is_completed(), state
     summary = state.result()
 
@@ -187,8 +188,6 @@ def test_rerun_after_a_failed_upload_resumes_from_the_cache(
     files); the rerun reuses them. (Uploading after verify; streamed: the next test.)"""
     import tasks.publish
 
-    monkeypatch.setenv("CKPT_UPLOAD", "after")
-    monkeypatch.setenv("CKPT_SOURCE_READ", read)
     src = f"s3://ckpt-training/{prefix}/checkpoints"
     dest = f"s3://ckpt-models/{prefix}/vit.nemo"
     sample = sample_factory(s3, src, tp=2)
@@ -201,13 +200,27 @@ def test_rerun_after_a_failed_upload_resumes_from_the_cache(
         raise PermissionError("injected: access denied")  # permanent: no retry
 
     monkeypatch.setattr(tasks.publish, "put_atomically", broken)
-    first = convert_vit(source=src, destination=dest, target_tp=1, return_state=True)
+    first = convert_vit(
+        upload="after",
+        source_read=read,
+        source=src,
+        destination=dest,
+        target_tp=1,
+        return_state=True,
+    )
     assert first.is_failed()
     assert calls["n"] == 1  # PermissionError is not transient: tried once
     assert not s3.exists(dest.removeprefix("s3://"))
 
     monkeypatch.setattr(tasks.publish, "put_atomically", real)
-    second = convert_vit(source=src, destination=dest, target_tp=1, return_state=True)
+    second = convert_vit(
+        upload="after",
+        source_read=read,
+        source=src,
+        destination=dest,
+        target_tp=1,
+        return_state=True,
+    )
     assert second.is_completed(), second
     states = asyncio.run(_task_runs(str(second.state_details.flow_run_id)))
     if read == "download":
@@ -243,7 +256,8 @@ def test_a_failed_streamed_upload_leaves_nothing_and_the_rerun_reads_the_source_
     assert s3.find(f"ckpt-models/{prefix}") == []
     assert _pending_uploads(s3, "ckpt-models", prefix) == []
     runs = asyncio.run(_task_runs(str(first.state_details.flow_run_id)))
-    assert runs["write-nemo"] == ["Completed"] and runs["verify"] == ["Completed"]
+    # the run's transaction rolled back: write-nemo's hook aborted its multipart upload
+    assert runs["write-nemo"] == ["RolledBack"] and runs["verify"] == ["RolledBack"]
     assert runs["upload"] == ["Failed"]
     read_first = proxy.bytes_read(f"/ckpt-training/{prefix}/")
     assert read_first > 0

@@ -17,9 +17,11 @@ import time
 import pytest
 import torch
 
+from ckptcore.errors import CkptError
 from ckptcore.lineage import LineageRecord
 from ckptcore.sources import open_checkpoint
 from flows.convert import convert_vit
+from flows.routes import ConvertJob
 from tasks import settings
 from tasks.items import RunnerSpec, local_cluster_kwargs, parse_runner
 
@@ -145,11 +147,10 @@ def test_threads_runner_local_source_resumes_finished_items(
     monkeypatch.delenv("CKPT_SCRATCH_URL", raising=False)
     monkeypatch.setenv("CKPT_STAGING_URL", str(tmp_path / "staging"))
     monkeypatch.setenv("CKPT_KEEP_WORK", "1")
-    monkeypatch.setenv("CKPT_RUNNER", "threads:2")
     sample = sample_factory(None, None, tp=2)
     dests = [str(tmp_path / "a.nemo"), str(tmp_path / "b.nemo")]
     for dest in dests:
-        convert_vit(source=sample.local, destination=dest, target_tp=1)
+        convert_vit(runner="threads:2", source=sample.local, destination=dest, target_tp=1)
     notes = [LineageRecord.from_json(open(d + ".lineage.json").read()).notes for d in dests]
     assert any(
         "1 work items on 1 worker(s) by ThreadPoolTaskRunner (2 threads)" in n for n in notes[0]
@@ -162,15 +163,13 @@ def test_threads_runner_local_source_resumes_finished_items(
                 assert torch.equal(ck.ranks[(0, 0)].tensor(key), value), key
 
 
-def test_runner_specs(monkeypatch):
-    monkeypatch.delenv("CKPT_RUNNER", raising=False)
-    assert settings.runner(None) is None
-    monkeypatch.setenv("CKPT_RUNNER", "dask")
-    assert settings.runner(None) == "dask"
-    assert settings.runner("inline") is None
-    assert settings.runner("threads:4") == "threads:4"
-    with pytest.raises(Exception, match="expected threads"):
-        settings.runner("spark")
+def test_runner_specs():
+    assert ConvertJob("src").runner is None
+    assert ConvertJob("src", runner="dask").runner == "dask"
+    assert ConvertJob("src", runner=" inline ").runner is None
+    assert ConvertJob("src", runner="threads:4").runner == "threads:4"
+    with pytest.raises(CkptError, match="expected threads"):
+        ConvertJob("src", runner="spark")
     assert parse_runner("threads:4") == RunnerSpec("threads", None, 4)
     assert parse_runner("dask", 3) == RunnerSpec("dask", None, 3)
     assert parse_runner("dask://10.0.0.5:8786") == RunnerSpec("dask", "tcp://10.0.0.5:8786")

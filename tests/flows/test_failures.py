@@ -98,12 +98,11 @@ def _buggy_repartition(monkeypatch: pytest.MonkeyPatch, upload: str) -> None:
 def test_failed_verify_uploads_nothing(s3, work_dir, prefix, sample_factory, monkeypatch, upload):
     """A repartition bug (one head weight off by 1e-3) is caught by verify; nothing is uploaded
     (streamed: the parts sent while writing are dropped with their multipart upload)."""
-    monkeypatch.setenv("CKPT_UPLOAD", upload)
     src = f"s3://ckpt-training/{prefix}/checkpoints"
     dest = f"s3://ckpt-models/{prefix}/vit.nemo"
     sample_factory(s3, src, tp=2)
     _buggy_repartition(monkeypatch, upload)
-    state = convert_vit(source=src, destination=dest, target_tp=1, return_state=True)
+    state = convert_vit(upload=upload, source=src, destination=dest, target_tp=1, return_state=True)
 
     assert state.is_failed()
     with pytest.raises(Exception, match="verify failed: max \\|logit diff\\|"):
@@ -114,8 +113,8 @@ def test_failed_verify_uploads_nothing(s3, work_dir, prefix, sample_factory, mon
     runs = asyncio.run(_task_runs(str(state.state_details.flow_run_id)))
     assert runs["verify"] == [("Failed", 1)]  # a CkptError is never retried
     assert "upload" not in runs
-    if upload == "stream":
-        assert runs["write-nemo"] == [("Completed", 1)]
+    if upload == "stream":  # rolled back with the run's transaction: its upload aborted
+        assert runs["write-nemo"] == [("RolledBack", 1)]
 
 
 @pytest.mark.usefixtures("prefect_api")

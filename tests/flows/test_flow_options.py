@@ -14,13 +14,16 @@ import tarfile
 import pytest
 import torch
 
+from ckptcore.errors import CkptError
 from ckptcore.sample import vit_config, write_nemo
 from ckptcore.sources import open_checkpoint
 from flows.convert import convert_vit
 from flows.import_hf import import_hf_vit
 from flows.repartition import repartition_vit
 from flows.reshard import reshard_vit
+from flows.routes import ConvertJob
 from flows.sweep import sweep_vit
+from tasks import settings
 
 pytestmark = pytest.mark.usefixtures("prefect_api", "work_dir")
 
@@ -30,7 +33,7 @@ CFG = dict(class_token_length=1, finetune=True)
 
 @pytest.fixture(autouse=True)
 def _one_process(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("CKPT_RUNNER", "CKPT_STAGING_URL", "CKPT_SCRATCH_URL", "CKPT_REPARTITION"):
+    for name in ("CKPT_STAGING_URL", "CKPT_SCRATCH_URL"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -259,3 +262,58 @@ def test_repartition_parameters(two_checkpoints, tmp_path) -> None:
         source=src, output_url=str(tmp_path / "p4"), source_digest="0" * 64, return_state=True
     )
     assert "source changed since it was listed" in _failure(state)
+
+
+@pytest.mark.parametrize(
+    "choice, destination, route",
+    [
+        ({}, "/models/a.nemo", "inline"),
+        ({}, "s3://models/a.nemo", "stream"),
+        ({"upload": "after"}, "s3://models/a.nemo", "inline"),
+        ({"runner": "threads:2"}, "s3://models/a.nemo", "mapped"),
+        ({"runner": "inline"}, "/models/a.nemo", "inline"),
+    ],
+)
+def test_convert_parameters_choose_the_route(choice, destination, route) -> None:
+    job = ConvertJob("s3://training/run/checkpoints", **choice)
+    assert job.route(destination, None) == route
+    assert not job.hands_off()  # not deployed, repartition=auto: this run repartitions
+
+
+def test_repartition_deployment_hands_off_unless_mapped() -> None:
+    assert ConvertJob("src", repartition="deployment").hands_off()
+    assert not ConvertJob("src", repartition="deployment", runner="dask").hands_off()
+    assert not ConvertJob("src", repartition="inline").hands_off()
+    for name, value in (
+        ("repartition", "gpu"),
+        ("upload", "later"),
+        ("source_read", "mmap"),
+        ("verify_process", "child"),
+    ):
+        with pytest.raises(CkptError, match=f"{name}='{value}': expected"):
+            ConvertJob("src", **{name: value})
+
+
+def test_convert_path_parameters_are_refused_or_kept_in_the_lineage(
+    two_checkpoints, tmp_path, monkeypatch
+) -> None:
+    """A bad choice fails the run before any work; the choices and the worker's settings are
+    in the lineage record."""
+    dest = tmp_path / "a.nemo"
+    state = convert_vit(
+        source=two_checkpoints, destination=str(dest), upload="later", return_state=True
+    )
+    assert "upload" in _failure(state) and not dest.exists()
+    state = convert_vit(
+        source=two_checkpoints, destination=str(dest), runner="spark", return_state=True
+    )
+    assert "runner 'spark'" in _failure(state) and not dest.exists()
+    monkeypatch.setenv("CKPT_UPLOAD_CONCURRENCY", "3")
+    choices = dict(repartition="inline", upload="after", source_read="download")
+    convert_vit(source=two_checkpoints, destination=str(dest), verify_process="inline", **choices)
+    record = json.loads((tmp_path / "a.nemo.lineage.json").read_text())
+    assert {k: record["run"]["parameters"][k] for k in choices} == choices
+    assert record["run"]["parameters"]["verify_process"] == "inline"
+    assert record["settings"]["upload_concurrency"] == 3
+    assert record["settings"]["read_concurrency"] == 4
+    assert set(record["settings"]) >= set(settings.PipelineSettings.model_fields)

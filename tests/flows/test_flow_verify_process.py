@@ -17,7 +17,6 @@ from flows.convert import convert_vit
 def test_verify_runs_in_the_verify_process_which_the_next_run_reuses(
     s3, work_dir, prefix, sample_factory, monkeypatch, mode
 ):
-    monkeypatch.setenv("CKPT_VERIFY_PROCESS", mode)
     src = f"s3://ckpt-training/{prefix}/checkpoints"
     dest = f"s3://ckpt-models/{prefix}/vit.nemo"
     sample_factory(s3, src, tp=2)
@@ -41,7 +40,9 @@ def test_verify_runs_in_the_verify_process_which_the_next_run_reuses(
     try:
         for run in range(2):
             dest = f"s3://ckpt-models/{prefix}/vit-{run}.nemo"
-            state = convert_vit(source=src, destination=dest, target_tp=1, return_state=True)
+            state = convert_vit(
+                source=src, destination=dest, target_tp=1, verify_process=mode, return_state=True
+            )
             assert state.is_completed(), state.message
             assert state.result()["verify-passed"] == "true"
             assert s3.exists(dest)

@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
-from tasks.handoff import BusyRetry, create_subflow, retry_busy, stop_run
+from tasks.handoff import BusyRetry, busy_retry_settings, create_subflow, stop_run
 
 
 class _Scripted:
@@ -80,20 +80,18 @@ def test_busy_retry_sends_again_only_while_busy(statuses, answer, sent):
         assert set(server.bodies) == {b'{"name":"child"}'}  # the same body each time
 
 
-def test_retry_busy_wraps_the_transport_a_prefect_client_uses(prefect_api):
+def test_the_client_that_creates_child_runs_sends_through_busy_retry(prefect_api):
+    """The transport goes in through the Prefect client's public ``httpx_settings``."""
     from prefect.client.orchestration import get_client
 
-    async def go() -> tuple[bool, bool, object]:
-        async with get_client() as client:
-            wrapped = retry_busy(client)
-            again = retry_busy(client)  # never twice
-            chosen = client._client._transport_for_url(client._client.base_url)
-            return wrapped, again, (chosen, await client.api_healthcheck())
+    chosen = busy_retry_settings()["transport"]
+    assert isinstance(chosen, BusyRetry) and isinstance(chosen.inner, httpx.AsyncHTTPTransport)
 
-    wrapped, again, (chosen, health) = asyncio.run(go())
-    assert wrapped and again
-    assert isinstance(chosen, BusyRetry) and not isinstance(chosen.inner, BusyRetry)
-    assert health is None  # the API answers through it
+    async def go() -> object:
+        async with get_client(httpx_settings={"transport": chosen}) as client:
+            return await client.api_healthcheck()
+
+    assert asyncio.run(go()) is None  # the API answers through it
 
 
 def test_child_run_is_created_once_and_linked_while_the_api_is_busy(prefect_api, monkeypatch):
@@ -174,13 +172,14 @@ def test_a_run_that_fails_cancels_the_repartition_run_it_started(
 
     name = f"no-worker-{uuid.uuid4().hex[:6]}"
     runs = _runs_of_new_deployment(name)
-    monkeypatch.setenv("CKPT_REPARTITION", "deployment")
     monkeypatch.setenv("CKPT_REPARTITION_DEPLOYMENT", f"repartition/{name}")
     monkeypatch.setenv("CKPT_SCRATCH_URL", str(tmp_path / "scratch"))
     sample = make_sample(tmp_path, None, None, tp=2)
     taken = tmp_path / "taken.nemo"
     taken.write_bytes(b"someone else's model")
-    state = convert_vit(source=sample.url, destination=str(taken), return_state=True)
+    state = convert_vit(
+        repartition="deployment", source=sample.url, destination=str(taken), return_state=True
+    )
     assert state.is_failed() and "exists" in state.message
     (child,) = runs()  # created before the listing, then cancelled
     assert child.state is not None and child.state.is_cancelled()

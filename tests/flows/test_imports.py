@@ -26,12 +26,11 @@ def test_flow_modules_load_without_torch() -> None:
 
 
 def test_a_fresh_flow_process_verifies_in_a_verify_process_a_warm_one_in_itself() -> None:
-    """``CKPT_VERIFY_PROCESS=auto``: the verify process pays off only while torch is not yet
+    """``verify_process="auto"``: the verify process pays off only while torch is not yet
     imported here (its point is importing it elsewhere, meanwhile); a run leaves it idle for
     the next run in the process, which does not import again."""
     _python(
         "import os, sys\n"
-        "os.environ.pop('CKPT_VERIFY_PROCESS', None)\n"
         "from tasks.convert import _VERIFIERS, close_idle_verifiers, release_verifier\n"
         "from tasks.convert import start_verifier\n"
         "key = start_verifier()\n"
