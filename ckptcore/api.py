@@ -9,13 +9,14 @@ from __future__ import annotations
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from ckptcore.dtypes import dtype_info, parse_precision
 from ckptcore.engine import iter_file, tensor_bits
 from ckptcore.errors import CkptError, write_error
 from ckptcore.formats import nemo as nemo_fmt
+from ckptcore.lineage import Layout
 from ckptcore.model.config import vit_dims, vit_options
 from ckptcore.nemo_io import (  # noqa: F401  (re-exported: part of this module's surface)
     Progress,
@@ -33,25 +34,22 @@ from ckptcore.storage import RangeCache
 
 @dataclass
 class ConvertReport:
+    """What ``ckpt convert`` / ``reshard`` / ``import-hf`` did: the layout facts (one
+    :class:`~ckptcore.lineage.Layout`), where, how many bytes, how long."""
+
     source: str
     destination: str
     source_kind: str
-    source_tp: int
-    source_pp: int
-    target_tp: int
-    target_pp: int
-    precision: str
-    step: int | None
-    epoch: int | None
     checkpoint_name: str | None
+    layout: Layout
     tensor_bytes: int
     output_bytes: int
     seconds: float
-    plan_digest: str
-    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Flat JSON (``ckpt ... --json``): the layout's fields beside the others."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "layout"}
+        return {**out, **self.layout.to_dict()}
 
 
 def plan_conversion(
@@ -130,19 +128,11 @@ def write_converted(
         source=source,
         destination=dest,
         source_kind=ck.kind,
-        source_tp=ck.tp,
-        source_pp=ck.pp,
-        target_tp=plan.target.tp,
-        target_pp=plan.target.pp,
-        precision=str(plan.config.get("precision")),
-        step=ck.step,
-        epoch=ck.epoch,
         checkpoint_name=ck.name,
+        layout=Layout.of(ck, plan),
         tensor_bytes=sum(f.write_bytes for f in plan.files),
         output_bytes=size,
         seconds=time.perf_counter() - start,
-        plan_digest=plan.digest(),
-        notes=list(ck.notes),
     )
 
 

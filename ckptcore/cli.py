@@ -214,12 +214,13 @@ def _convert_like(args: argparse.Namespace, target_tp: int | None, target_pp: in
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
         return 0
-    for note in report.notes:
+    layout = report.layout
+    for note in layout.notes:
         print(f"note: {note}", file=sys.stderr)
     rate = report.tensor_bytes / report.seconds / 1e9 if report.seconds > 0 else 0.0
     print(
-        f"wrote {report.destination}: TP={report.source_tp} PP={report.source_pp} -> "
-        f"TP={report.target_tp} PP={report.target_pp}, precision {report.precision}, "
+        f"wrote {report.destination}: TP={layout.source_tp} PP={layout.source_pp} -> "
+        f"TP={layout.target_tp} PP={layout.target_pp}, precision {layout.precision}, "
         f"{_human(report.output_bytes)} in {report.seconds:.2f} s ({rate:.2f} GB/s)"
     )
     return 0
@@ -328,7 +329,7 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
     print(
         json.dumps(report.to_dict(), indent=2)
         if args.json
-        else f"wrote {report.destination}: TP={report.target_tp} PP={report.target_pp}"
+        else f"wrote {report.destination}: TP={report.layout.target_tp} PP={report.layout.target_pp}"
     )
     return 0
 

@@ -50,6 +50,49 @@ def sha256_file(path: str) -> str:
 
 
 @dataclass(frozen=True)
+class Layout:
+    """What a conversion's plan says of its result: the one record of these facts. Lineage
+    records, ``ckpt`` reports and partition manifests all take them from here."""
+
+    source_tp: int
+    source_pp: int
+    target_tp: int
+    target_pp: int
+    precision: str
+    plan_digest: str
+    step: int | None = None
+    epoch: int | None = None
+    notes: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, ck: Any, plan: Any, notes: tuple[str, ...] | None = None) -> Layout:
+        """The facts of ``plan`` (a :class:`ckptcore.plan.Plan`) over the open checkpoint ``ck``."""
+        return cls(
+            source_tp=ck.tp,
+            source_pp=ck.pp,
+            target_tp=plan.target.tp,
+            target_pp=plan.target.pp,
+            precision=str(plan.config.get("precision")),
+            plan_digest=plan.digest(),
+            step=ck.step,
+            epoch=ck.epoch,
+            notes=tuple(ck.notes) if notes is None else tuple(notes),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat JSON-ready fields (``notes`` a list)."""
+        return {**asdict(self), "notes": list(self.notes)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Layout:
+        """The layout among ``data``'s keys (a manifest or report holds more)."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values["notes"] = tuple(values.get("notes") or ())
+        return cls(**values)
+
+
+@dataclass(frozen=True)
 class SourceFile:
     """One file of the source checkpoint: its URL, size and content identity.
 

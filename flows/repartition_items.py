@@ -15,6 +15,7 @@ from prefect.logging import get_run_logger
 
 from ckptcore.api import plan_conversion
 from ckptcore.formats.nemo import CONFIG_NAME, dump_config
+from ckptcore.lineage import Layout
 from ckptcore.sources import open_checkpoint
 from ckptcore.storage import is_local, join
 from ckptcore.workplan import work_items
@@ -54,7 +55,7 @@ def repartition_items(
     with open_checkpoint(listing.root, checkpoint, cache=cache_dir) as ck:
         plan = plan_conversion(ck, target_tp, target_pp, precision)
         planned = work_items(ck, plan, with_ranges=False)
-        source_tp, source_pp, step, epoch, notes = ck.tp, ck.pp, ck.step, ck.epoch, ck.notes
+        layout = Layout.of(ck, plan)
     location = items_location(staging, listing, plan)
     hold(location)
     members = {fp.path: join(location, fp.path) for fp in plan.files}
@@ -72,17 +73,9 @@ def repartition_items(
     partition = Partition(
         url=location,
         members={**members, CONFIG_NAME: join(location, CONFIG_NAME)},
-        plan_digest=plan.digest(),
-        source_tp=source_tp,
-        source_pp=source_pp,
-        target_tp=plan.target.tp,
-        target_pp=plan.target.pp,
-        precision=str(plan.config.get("precision")),
-        step=step,
-        epoch=epoch,
+        layout=layout,
         tensor_bytes=sum(fp.write_bytes for fp in plan.files),
         seconds=time.perf_counter() - start,
-        notes=tuple(notes),
     )
     commit_partition(partition, dump_config(plan.config))
     run_id = runtime.flow_run.id

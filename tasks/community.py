@@ -7,6 +7,7 @@ import os
 import tarfile
 import time
 import uuid
+from dataclasses import replace
 
 import torch
 from prefect import task
@@ -62,20 +63,13 @@ def import_to_partition(
     progress.finish()
     members = extract_nemo(nemo, os.path.join(out, "members"))
     os.unlink(nemo)
+    notes = (f"imported from a {report.source_kind} checkpoint", *report.layout.notes)
     return Partition(
         url=os.path.join(out, "members"),
         members=members,
-        plan_digest=report.plan_digest,
-        source_tp=report.source_tp,
-        source_pp=report.source_pp,
-        target_tp=report.target_tp,
-        target_pp=report.target_pp,
-        precision=report.precision,
-        step=None,
-        epoch=None,
+        layout=replace(report.layout, step=None, epoch=None, notes=notes),
         tensor_bytes=report.tensor_bytes,
         seconds=report.seconds,
-        notes=(f"imported from a {report.source_kind} checkpoint", *report.notes),
     )
 
 

@@ -18,7 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, replace
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -45,37 +45,35 @@ class Partition:
 
     url: str  # folder (local path or object-storage prefix)
     members: dict[str, str]  # archive member -> URL
-    plan_digest: str
-    source_tp: int
-    source_pp: int
-    target_tp: int
-    target_pp: int
-    precision: str
-    step: int | None
-    epoch: int | None
+    layout: lineage.Layout
     tensor_bytes: int
     seconds: float
-    notes: tuple[str, ...] = field(default=())
     source_digest: str | None = None  # of the source files as the writing run listed them
 
     def manifest(self) -> dict[str, Any]:
-        """JSON for ``partition.json``: members relative to the folder."""
-        data = asdict(self)
-        data.pop("url")
-        data["members"] = {m: m for m in self.members}
-        data["notes"] = list(self.notes)
-        return data
+        """JSON for ``partition.json``: members relative to the folder, the layout's fields."""
+        return {
+            "members": {m: m for m in self.members},
+            **self.layout.to_dict(),
+            "tensor_bytes": self.tensor_bytes,
+            "seconds": self.seconds,
+            "source_digest": self.source_digest,
+        }
 
     @classmethod
     def from_manifest(cls, url: str, data: dict[str, Any]) -> Partition:
-        data = dict(data)
-        data["members"] = {m: join(url, rel) for m, rel in data["members"].items()}
-        data["notes"] = tuple(data.get("notes") or ())
-        return cls(url=url, **data)
+        return cls(
+            url=url,
+            members={m: join(url, rel) for m, rel in data["members"].items()},
+            layout=lineage.Layout.from_dict(data),
+            tensor_bytes=data["tensor_bytes"],
+            seconds=data["seconds"],
+            source_digest=data.get("source_digest"),
+        )
 
     def content_key(self) -> str:
         return hashlib.sha256(
-            json.dumps([self.plan_digest, sorted(self.members)], sort_keys=True).encode()
+            json.dumps([self.layout.plan_digest, sorted(self.members)], sort_keys=True).encode()
         ).hexdigest()
 
 
@@ -172,17 +170,9 @@ def write_partition(
         part = Partition(
             url=output_url,
             members={m: join(output_url, m) for m in files},
-            plan_digest=plan.digest(),
-            source_tp=ck.tp,
-            source_pp=ck.pp,
-            target_tp=plan.target.tp,
-            target_pp=plan.target.pp,
-            precision=str(plan.config.get("precision")),
-            step=ck.step,
-            epoch=ck.epoch,
+            layout=lineage.Layout.of(ck, plan),
             tensor_bytes=tensor_bytes,
             seconds=time.perf_counter() - start,
-            notes=tuple(ck.notes),
             source_digest=fetched.digest,
         )
     if fetched.in_place:
@@ -241,7 +231,7 @@ def download_partition(url: str, work_dir: str) -> Partition:
             if os.path.exists(part):
                 os.unlink(part)
         members[member] = dest
-    return Partition(**{**asdict(remote), "url": folder, "members": members})
+    return replace(remote, url=folder, members=members)
 
 
 def require_same_source(partition: Partition, fetched: FetchedCheckpoint) -> None:

@@ -15,22 +15,6 @@ from tasks.source import FetchedCheckpoint, SourceListing
 
 
 @dataclass(frozen=True)
-class PlannedLayout:
-    """What the plan of a streamed write says (``tasks.stream``): the lineage's layout facts
-    where there is no :class:`Partition`."""
-
-    step: int | None
-    epoch: int | None
-    source_tp: int
-    source_pp: int
-    target_tp: int
-    target_pp: int
-    precision: str
-    plan_digest: str
-    notes: tuple[str, ...]
-
-
-@dataclass(frozen=True)
 class RemoteRun:
     """A step handed to another deployment: which run did it, where, and the wall time."""
 
@@ -69,22 +53,24 @@ def run_info() -> lineage.RunInfo:
 def start_lineage(
     listing: SourceListing,
     fetched: FetchedCheckpoint,
-    partition: Partition | PlannedLayout,
+    partition: Partition | lineage.Layout,
     destination: str,
     remote: RemoteRun | None = None,
 ) -> lineage.LineageRecord:
     """The record as it goes into the archive: everything but the output and verify result.
 
     ``partition``: a :class:`Partition` (its ``seconds`` become the ``repartition`` timing), or
-    the facts of a streamed write, timed when it ends. ``remote``: the repartition
+    the layout of a streamed write, timed when it ends. ``remote``: the repartition
     deployment's run, when the step was handed over.
     """
     timings = {"list": round(listing.seconds, 3)}
     if not listing.local and not fetched.in_place:  # downloaded first
         timings["fetch"] = round(fetched.seconds, 3)
+    layout = partition
     if isinstance(partition, Partition):
         timings["repartition"] = round(partition.seconds, 3)
-    notes = list(fetched.notes) + [n for n in partition.notes if n not in fetched.notes]
+        layout = partition.layout
+    notes = list(fetched.notes) + [n for n in layout.notes if n not in fetched.notes]
     if remote is not None:
         timings["repartition-handoff"] = round(remote.seconds, 3)  # queue + start + run
         notes.append(remote.note())
@@ -93,14 +79,14 @@ def start_lineage(
         checkpoint=listing.checkpoint,
         source_files=list(fetched.files),
         source_digest=fetched.digest,
-        step=partition.step,
-        epoch=partition.epoch,
-        source_tp=partition.source_tp,
-        source_pp=partition.source_pp,
-        target_tp=partition.target_tp,
-        target_pp=partition.target_pp,
-        precision=partition.precision,
-        plan_digest=partition.plan_digest,
+        step=layout.step,
+        epoch=layout.epoch,
+        source_tp=layout.source_tp,
+        source_pp=layout.source_pp,
+        target_tp=layout.target_tp,
+        target_pp=layout.target_pp,
+        precision=layout.precision,
+        plan_digest=layout.plan_digest,
         destination=destination,
         run=run_info(),
         versions=lineage.collect_versions(),

@@ -36,7 +36,7 @@ from ckptcore.multipart import FollowingUpload, is_s3, part_size_for
 from ckptcore.sources import open_checkpoint
 from tasks import settings
 from tasks.convert import Packaged
-from tasks.lineage import PlannedLayout, start_lineage
+from tasks.lineage import start_lineage
 from tasks.progress import Progress
 from tasks.retry import storage_retries
 from tasks.source import FetchedCheckpoint, SourceListing, check_unchanged
@@ -89,18 +89,7 @@ def write_nemo(
     out_path = os.path.join(out_dir, destination.rsplit("/", 1)[-1])
     with open_checkpoint(fetched.open_url, cache=fetched.cache_dir) as ck:
         plan = plan_conversion(ck, target_tp, target_pp, precision)
-        facts = PlannedLayout(
-            step=ck.step,
-            epoch=ck.epoch,
-            source_tp=ck.tp,
-            source_pp=ck.pp,
-            target_tp=plan.target.tp,
-            target_pp=plan.target.pp,
-            precision=str(plan.config.get("precision")),
-            plan_digest=plan.digest(),
-            notes=tuple(ck.notes),
-        )
-        record = start_lineage(listing, fetched, facts, destination)
+        record = start_lineage(listing, fetched, lineage.Layout.of(ck, plan), destination)
         tensor_bytes = sum(fp.write_bytes for fp in plan.files)
         progress = Progress(
             f"repartition to TP={plan.target.tp} PP={plan.target.pp} into {out_path}", tensor_bytes

@@ -95,7 +95,7 @@ def test_logits_match_transformers(hf_models, tmp_path, name, tp, pp):
     images = _images(CONFIGS[name])
     dest = str(tmp_path / "m.nemo")
     report = import_hf(folder, dest, target_tp=tp, target_pp=pp)
-    assert (report.source_kind, report.target_tp, report.target_pp) == ("hf", tp, pp)
+    assert (report.source_kind, report.layout.target_tp, report.layout.target_pp) == ("hf", tp, pp)
     diff = (_restore_logits(dest, images) - hf_logits(model, images)).abs().max().item()
     assert diff <= ATOL, f"{name} TP={tp} PP={pp}: max |diff| {diff}"
 
@@ -345,7 +345,7 @@ def test_import_precision_bf16(hf_models, tmp_path):
     dest = str(tmp_path / "bf16.nemo")
     report = import_hf(folder, dest, precision="bf16")
     config, sd = load_state_dict(dest)
-    assert report.precision == "bf16" and config["precision"] == "bf16"
+    assert report.layout.precision == "bf16" and config["precision"] == "bf16"
     assert config["megatron_amp_O2"] is True
     assert {v.dtype for v in sd.values() if isinstance(v, torch.Tensor)} == {torch.bfloat16}
 
@@ -363,7 +363,7 @@ def test_pooler_weights_are_ignored_with_a_note(tmp_path):
     save_file(sd, path, metadata={"format": "pt"})
     dest = str(tmp_path / "m.nemo")
     report = import_hf(folder, dest)
-    assert any("vit.pooler.dense.weight" in n for n in report.notes)
+    assert any("vit.pooler.dense.weight" in n for n in report.layout.notes)
     images = _images(cfg)
     assert (_restore_logits(dest, images) - hf_logits(model, images)).abs().max() <= ATOL
 
@@ -377,7 +377,7 @@ def test_bf16_source_keeps_its_precision(tmp_path):
     dest = str(tmp_path / "m.nemo")
     report = import_hf(folder, dest, target_tp=2)
     config, sd = load_state_dict(dest)
-    assert report.precision == "bf16" and config["megatron_amp_O2"] is True
+    assert report.layout.precision == "bf16" and config["megatron_amp_O2"] is True
     assert {v.dtype for v in sd.values() if isinstance(v, torch.Tensor)} == {torch.bfloat16}
     out = str(tmp_path / "back")
     info = export_hf(dest, out)

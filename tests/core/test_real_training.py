@@ -49,7 +49,7 @@ def test_nemo_files_restore_to_nemo_logits(path: str) -> None:
 def test_convert_equals_nemo_save_to(tmp_path, name: str) -> None:
     out = tmp_path / "out.nemo"
     report = convert(str(run_dir(name) / "checkpoints"), str(out))
-    assert report.step == run_expected(name)["steps"]
+    assert report.layout.step == run_expected(name)["steps"]
     ours_config, ours = read_nemo(out)
     theirs_config, theirs = read_nemo(run_nemo(name))
     assert ours.keys() == theirs.keys()

@@ -126,7 +126,7 @@ def test_config_found_in_every_form_of_hyper_parameters(tmp_path, form: str) -> 
     folder = _rewrite(tmp_path, run, HP_FORMS[form])
     assert inspect(folder)["config"]["hidden_size"] == _real_config(run)["hidden_size"]
     report = convert(folder, str(tmp_path / "out.nemo"), target_tp=1)
-    assert report.source_tp == 2
+    assert report.layout.source_tp == 2
 
 
 @pytest.mark.parametrize(
