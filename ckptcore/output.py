@@ -22,7 +22,10 @@ import re
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from fsspec.callbacks import Callback
 
 from ckptcore.errors import CkptError, StorageError, storage_error, write_error
 from ckptcore.storage import get_fs, is_local, local_path
@@ -212,13 +215,70 @@ def _remote_output(dest: str) -> Iterator[str]:
             yield tmp
         except OSError as exc:
             raise write_error(dest, f"cannot write the local copy {tmp}", exc) from None
-        fs, path = get_fs(dest)
-        try:
-            fs.put_file(tmp, path)
-        except (CkptError, StorageError):
-            raise
-        except Exception as exc:
-            raise storage_error(dest, "upload failed", exc) from exc
+        put_file(tmp, dest)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+class _Advance(Callback):
+    """fsspec's progress callback feeding ``on_bytes`` with each increment."""
+
+    def __init__(self, on_bytes: Callable[[int], None]) -> None:
+        super().__init__()
+        self._on_bytes = on_bytes
+
+    def relative_update(self, inc: int = 1) -> None:
+        self._on_bytes(inc)
+
+    def absolute_update(self, value: int) -> None:
+        done = self.value
+        super().absolute_update(value)
+        if value > done:
+            self._on_bytes(value - done)
+
+
+def put_file(
+    local: str,
+    url: str,
+    *,
+    metadata: dict[str, str] | None = None,
+    content_type: str | None = None,
+    part_bytes: int | None = None,
+    concurrency: int | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+) -> None:
+    """Copy the local file ``local`` to ``url``, replacing what is there, so that no partial
+    object or file is ever visible at ``url``: the one way ckptcore and the pipeline put a
+    finished file in place.
+
+    Local: :func:`atomic_output` (the destination's lock, a hidden work file fsynced and
+    renamed). S3: a multipart upload above two parts of ``part_bytes`` (an interrupted one
+    never becomes an object), ``concurrency`` parts in flight, with user ``metadata``. Other
+    fsspec stores: their ``put_file``. ``on_bytes`` hears of each piece sent."""
+    advance = on_bytes or (lambda n: None)
+    if is_local(url):
+        with atomic_output(url, [], overwrite=True) as tmp:
+            with open(local, "rb") as src, open(tmp, "wb") as dst:
+                while chunk := src.read(8 << 20):
+                    dst.write(chunk)
+                    advance(len(chunk))
+                dst.flush()
+                os.fsync(dst.fileno())
+        return
+    fs, path = get_fs(url)
+    kwargs: dict[str, Any] = {}
+    if url.startswith(("s3://", "s3a://")):
+        kwargs.update(
+            {k: v for k, v in (("Metadata", metadata), ("ContentType", content_type)) if v}
+        )
+        if part_bytes:
+            kwargs["chunksize"] = part_bytes
+        if concurrency:
+            kwargs["max_concurrency"] = concurrency
+    try:
+        fs.put_file(local, path, callback=_Advance(advance), **kwargs)
+    except (CkptError, StorageError):
+        raise
+    except Exception as exc:
+        raise storage_error(url, "upload failed", exc) from exc

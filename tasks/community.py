@@ -9,13 +9,10 @@ import time
 import uuid
 from dataclasses import replace
 
-import torch
 from prefect import task
 
-from ckptcore import lineage
-from ckptcore.api import restore_model, sample_images
-from ckptcore.errors import CkptError
-from tasks.convert import Packaged, Partition, Verified
+from tasks import settings
+from tasks.convert import Packaged, Partition, Verified, verified
 from tasks.progress import Progress
 from tasks.source import FetchedCheckpoint
 
@@ -96,33 +93,14 @@ def verify_community(
     source_kind: str | None,
     tolerance: float = 1e-5,
 ) -> Verified:
-    """The community weights (mapped to NeMo, TP=1) and the ``.nemo`` on the same images.
-
-    This checks repartitioning and packaging; the mapping itself is what ckptcore's community
-    tests compare against transformers/timm.
-    """
-    from ckptcore.api import load_state_dict
-    from ckptcore.community.api import open_community
-    from ckptcore.model.vit import VitClassificationModel
+    """:func:`ckptcore.community.api.verify_import` of the fetched folder and the ``.nemo``."""
+    from ckptcore.community.api import verify_import
 
     start = time.perf_counter()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    with open_community(fetched.local_root, layout, source_kind) as ck:
-        config, sd = load_state_dict(ck)
-    source = VitClassificationModel(config, path=fetched.source, weights=sd)
-    source.load_state_dict(sd, strict=False)
-    output = restore_model(packaged.path)
-    x = sample_images(source.cfg).to(device)
-    with torch.no_grad():
-        diff = float((source.to(device)(x).float() - output.to(device)(x).float()).abs().max())
-    if not diff <= tolerance:
-        raise CkptError(
-            packaged.path,
-            f"verify failed: max |logit diff| {diff:.3g} > tolerance {tolerance:g}; "
-            "nothing was uploaded",
-        )
-    info = lineage.VerifyInfo(diff, tolerance, int(x.shape[0]), True, device)
-    return Verified(info, time.perf_counter() - start)
+    report = verify_import(
+        fetched.local_root, packaged.path, layout, source_kind, tolerance, settings.verify_images()
+    )
+    return verified(report, packaged.path, time.perf_counter() - start)
 
 
 @task(name="verify")

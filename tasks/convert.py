@@ -26,6 +26,7 @@ from prefect import get_run_logger, task
 from ckptcore import api, lineage
 from ckptcore.api import package_nemo, plan_conversion, write_rank_files
 from ckptcore.errors import CkptError
+from ckptcore.output import put_file
 from ckptcore.sources import open_checkpoint
 from ckptcore.storage import get_fs, is_local, join, local_path
 from ckptcore.verify_process import VerifyProcess, VerifyProcessGone
@@ -124,21 +125,6 @@ def partition_is_present(partition: Partition) -> bool:
     return all(get_fs(url)[0].exists(get_fs(url)[1]) for url in partition.members.values())
 
 
-def _put_file(local: str, url: str, **kwargs: Any) -> None:
-    fs, path = get_fs(url)
-    if is_local(url):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        shutil.copyfile(local, path)
-    else:
-        fs.put_file(
-            local,
-            path,
-            chunksize=settings.upload_chunk_bytes(),
-            max_concurrency=settings.upload_concurrency(),
-            **kwargs,
-        )
-
-
 def write_partition(
     fetched: FetchedCheckpoint,
     target_tp: int | None,
@@ -163,7 +149,12 @@ def write_partition(
             progress.finish()
             if not local_out:
                 for member, path in files.items():
-                    _put_file(path, join(output_url, member))
+                    put_file(
+                        path,
+                        join(output_url, member),
+                        part_bytes=settings.upload_chunk_bytes(),
+                        concurrency=settings.upload_concurrency(),
+                    )
         finally:
             if not local_out:
                 shutil.rmtree(stage, ignore_errors=True)
@@ -382,11 +373,17 @@ def verify_models(
             get_run_logger().warning("%s: verifying in this process", e)
     if report is None:
         report = api.verify(*args, **kwargs)
+    return verified(report, packaged.path, time.perf_counter() - start)
+
+
+def verified(report: api.VerifyReport, path: str, seconds: float) -> Verified:
+    """A passed verify as the pipeline records it; ``CkptError`` (naming ``path``, the output)
+    for a failed one: nothing is uploaded."""
     if not report.passed:
         raise CkptError(
-            packaged.path,
+            path,
             f"verify failed: max |logit diff| {report.max_abs_diff:.3g} > tolerance "
-            f"{tolerance:g} on {report.images} images; nothing was uploaded",
+            f"{report.tolerance:g} on {report.images} images; nothing was uploaded",
         )
     info = lineage.VerifyInfo(
         max_abs_diff=report.max_abs_diff,
@@ -396,7 +393,7 @@ def verify_models(
         device=report.device,
         method=report.method,
     )
-    return Verified(info, time.perf_counter() - start)
+    return Verified(info, seconds)
 
 
 @task(name="verify")

@@ -18,7 +18,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from fsspec.callbacks import Callback
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.assets import Asset, AssetProperties, add_asset_metadata, materialize
@@ -66,20 +65,6 @@ def _remove(url: str) -> None:
         fs.rm_file(path)
 
 
-class _ProgressCallback(Callback):
-    """fsspec transfer callback -> :class:`Progress`."""
-
-    def __init__(self, progress: Progress) -> None:
-        super().__init__()
-        self._progress = progress
-
-    def relative_update(self, inc: int = 1) -> None:
-        self._progress.advance(inc)
-
-    def absolute_update(self, value: int) -> None:
-        self._progress.advance(value - self._progress.done)
-
-
 def put_atomically(
     local: str,
     url: str,
@@ -87,38 +72,17 @@ def put_atomically(
     content_type: str | None = None,
     progress: Progress | None = None,
 ) -> None:
-    """Copy a local file to ``url`` so that no partial object is ever visible there.
-
-    S3: s3fs ``put_file`` (multipart above two parts of ``CKPT_UPLOAD_CHUNK_BYTES``; an
-    interrupted multipart upload never becomes an object) with user metadata. Local:
-    ``ckptcore.output.atomic_output`` (a hidden work file, fsynced, renamed into place).
-    """
+    """:func:`ckptcore.output.put_file` with this worker's part size and concurrency, progress
+    on the run page."""
     progress = progress or Progress(f"upload {url}", 0)
-    if is_local(url):
-        # ckptcore's local commit: a lock beside the destination, leftovers of killed runs
-        # removed, a hidden work file fsynced and renamed over the destination.
-        with output.atomic_output(url, [], overwrite=True) as tmp:
-            with open(local, "rb") as src, open(tmp, "wb") as dst:
-                while chunk := src.read(8 << 20):
-                    dst.write(chunk)
-                    progress.advance(len(chunk))
-                dst.flush()
-                os.fsync(dst.fileno())
-        return
-    fs, path = get_fs(url)
-    kwargs: dict[str, Any] = {}
-    if url.startswith(("s3://", "s3a://")):
-        if metadata:
-            kwargs["Metadata"] = metadata
-        if content_type:
-            kwargs["ContentType"] = content_type
-    fs.put_file(
+    output.put_file(
         local,
-        path,
-        callback=_ProgressCallback(progress),
-        chunksize=settings.upload_chunk_bytes(),
-        max_concurrency=settings.upload_concurrency(),
-        **kwargs,
+        url,
+        metadata=metadata,
+        content_type=content_type,
+        part_bytes=settings.upload_chunk_bytes(),
+        concurrency=settings.upload_concurrency(),
+        on_bytes=progress.advance,
     )
 
 

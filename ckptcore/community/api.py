@@ -24,7 +24,15 @@ from typing import Any
 
 import torch
 
-from ckptcore.api import ConvertReport, Progress, write_converted
+from ckptcore.api import (
+    ConvertReport,
+    Progress,
+    VerifyReport,
+    load_state_dict,
+    restore_model,
+    sample_images,
+    write_converted,
+)
 from ckptcore.community import hf as hf_fmt
 from ckptcore.community import timm as timm_fmt
 from ckptcore.community.mapping import (
@@ -188,6 +196,33 @@ def import_hf(
 # --------------------------------------------------------------------------------------------
 # Export
 # --------------------------------------------------------------------------------------------
+
+
+def verify_import(
+    folder: str,
+    nemo: str,
+    layout: str = "conv1",
+    source_kind: str | None = None,
+    tolerance: float = 1e-5,
+    images: int = 1,
+    device: str | None = None,
+) -> VerifyReport:
+    """The community weights in ``folder`` (mapped to NeMo, TP=1) and the ``.nemo`` on the same
+    deterministic images: the check of an import's repartitioning and packaging (the mapping
+    itself is what ckptcore's community tests hold to transformers and timm)."""
+    from ckptcore.model.vit import VitClassificationModel
+
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    with open_community(folder, layout, source_kind) as ck:
+        config, sd = load_state_dict(ck)
+    source = VitClassificationModel(config, path=folder, weights=sd)
+    source.load_state_dict(sd, strict=False)
+    output = restore_model(nemo)
+    x = sample_images(source.cfg, images).to(dev)
+    with torch.inference_mode():
+        diff = float((source.to(dev)(x).float() - output.to(dev)(x).float()).abs().max())
+    passed = diff <= tolerance
+    return VerifyReport(folder, nemo, diff, tolerance, int(x.shape[0]), passed, "logits", dev)
 
 
 def _check_out_dir(out_dir: str, nemo_source: str, overwrite: bool) -> None:

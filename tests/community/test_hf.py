@@ -385,3 +385,22 @@ def test_bf16_source_keeps_its_precision(tmp_path):
     assert read_safetensors(os.path.join(out, "model.safetensors"))["classifier.weight"].dtype == (
         torch.bfloat16
     )
+
+
+def test_verify_import_compares_the_folder_with_the_nemo(hf_models, tmp_path):
+    """``verify_import``: the mapped folder and its import agree; the import of a model with the
+    same shapes and other weights does not (``passed`` False, the difference reported)."""
+    from ckptcore.community.api import verify_import
+
+    name = next(iter(CONFIGS))
+    folder, _ = hf_models[name]
+    mine = str(tmp_path / "mine.nemo")
+    import_hf(folder, mine, target_tp=2)
+    report = verify_import(folder, mine, images=2)
+    assert report.passed and report.max_abs_diff <= ATOL and report.images == 2
+    other = str(tmp_path / "other")
+    make_hf(other, seed=99, **CONFIGS[name])
+    theirs = str(tmp_path / "theirs.nemo")
+    import_hf(other, theirs, target_tp=2)
+    report = verify_import(folder, theirs, images=2)
+    assert not report.passed and report.max_abs_diff > ATOL

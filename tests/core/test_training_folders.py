@@ -21,7 +21,12 @@ def test_convert_keeps_every_rank_bitwise(tmp_path, tp: int, pp: int) -> None:
     _, full = write_training_checkpoint(str(folder), cfg, tp=tp, pp=pp)
     out = tmp_path / "model.nemo"
     report = convert(str(folder), str(out))
-    assert (report.layout.source_tp, report.layout.source_pp, report.layout.target_tp, report.layout.target_pp) == (
+    assert (
+        report.layout.source_tp,
+        report.layout.source_pp,
+        report.layout.target_tp,
+        report.layout.target_pp,
+    ) == (
         tp,
         pp,
         tp,
