@@ -118,7 +118,7 @@ def make_source(work: str, args, storage: str) -> tuple[str, str]:
 
 
 def run_once(listing, args, runner: str, workers: int, staging: str) -> dict:
-    from flows.convert import repartition_items
+    from flows.repartition_items import repartition_items
     from tasks.items import make_task_runner, parse_runner
 
     spec = parse_runner(runner, workers)

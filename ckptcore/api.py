@@ -1,7 +1,19 @@
-"""ckptcore's high-level operations: what the CLI and the Prefect tasks call.
+"""ckptcore's surface: the operations the ``ckpt`` command and the Prefect tasks call.
 
 Each function takes URLs or paths, raises :class:`~ckptcore.errors.CkptError` for bad input, and
-leaves nothing at the destination unless it succeeds.
+leaves nothing at the destination unless it succeeds. Besides the whole operations (``convert``,
+``verify``, ``inspect``, ...), the pipeline's steps are here by name, so the tasks need no other
+module of ckptcore (besides the records in ``lineage``, ``errors`` and ``settings``):
+
+- list and open: ``find_checkpoint``, ``scan_folder``, ``parse_rank_folder``, ``open_checkpoint``
+- plan: ``plan_conversion``, ``work_items``, ``estimate``
+- write: ``write_rank_files``, ``nemo_members``, ``write_work_item``, ``member_at``,
+  ``package_nemo``, ``write_nemo_file``, ``FollowingDigest``
+- verify: ``verify``, ``same_weights``, ``sample_images`` (``verify_process`` runs it ahead of
+  time in a child process)
+- publish: ``put_file``, ``put_bytes``, ``FollowingUpload``, ``check_destination``, ``lock_file``
+- storage URLs: ``get_fs``, ``join``, ``is_local``, ``local_path``, ``is_s3``, ``etag_of``,
+  ``forget_listings``
 """
 
 from __future__ import annotations
@@ -15,21 +27,50 @@ from typing import Any
 from ckptcore.dtypes import dtype_info, parse_precision
 from ckptcore.engine import iter_file, tensor_bits
 from ckptcore.errors import CkptError, write_error
+from ckptcore.follow import FollowingDigest
 from ckptcore.formats import nemo as nemo_fmt
+from ckptcore.formats.nemo import CONFIG_NAME, MemberData, MemberSource, dump_config
+from ckptcore.formats.ptl import find_checkpoint, scan_folder
+from ckptcore.layout import parse_rank_folder
 from ckptcore.lineage import Layout
 from ckptcore.model.config import vit_dims, vit_options
-from ckptcore.nemo_io import (  # noqa: F401  (re-exported: part of this module's surface)
+from ckptcore.multipart import FollowingUpload, is_s3, part_size_for
+from ckptcore.nemo_io import (
     Progress,
     load_state_dict,
+    member_at,
     nemo_members,
     package_nemo,
     write_nemo_file,
     write_rank_files,
 )
-from ckptcore.output import check_destination
-from ckptcore.plan import Plan, build_plan
+from ckptcore.output import check_destination, lock_file, put_bytes, put_file
+from ckptcore.plan import FilePlan, Plan, build_plan
 from ckptcore.sources import Checkpoint, open_checkpoint
-from ckptcore.storage import RangeCache
+from ckptcore.storage import (
+    RangeCache,
+    etag_of,
+    forget_listings,
+    get_fs,
+    is_local,
+    join,
+    local_path,
+)
+from ckptcore.workplan import WorkItem, estimate, work_items, write_work_item
+
+__all__ = [
+    # whole operations
+    "ConvertReport", "VerifyReport", "convert", "describe_dtype", "inspect", "plan_conversion",
+    "restore_model", "same_weights", "sample_images", "save_model", "verify", "write_converted",
+    # the pipeline's steps (the module docstring lists them by step)
+    "CONFIG_NAME", "Checkpoint", "FilePlan", "FollowingDigest", "FollowingUpload", "MemberData",
+    "MemberSource", "Plan", "Progress", "RangeCache", "WorkItem", "check_destination",
+    "dump_config", "estimate", "etag_of", "find_checkpoint", "forget_listings", "get_fs",
+    "is_local", "is_s3", "join", "load_state_dict", "local_path", "lock_file", "member_at",
+    "nemo_members", "open_checkpoint", "package_nemo", "parse_rank_folder", "part_size_for",
+    "put_bytes", "put_file", "scan_folder", "work_items", "write_nemo_file", "write_rank_files",
+    "write_work_item",
+]  # fmt: skip
 
 
 @dataclass

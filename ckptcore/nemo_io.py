@@ -10,14 +10,14 @@ import os
 from collections.abc import Callable, Sequence
 
 from ckptcore.engine import execute, file_layout, materialize, write_rank
-from ckptcore.errors import storage_error
+from ckptcore.errors import CkptError, storage_error
 from ckptcore.follow import Follower
 from ckptcore.formats import nemo as nemo_fmt
 from ckptcore.formats.zipwriter import file_sink
 from ckptcore.output import atomic_output, check_destination
 from ckptcore.plan import Plan, build_plan
 from ckptcore.sources import Checkpoint, open_checkpoint
-from ckptcore.storage import RangeCache, get_fs, is_local
+from ckptcore.storage import RangeCache, get_fs, is_local, local_path
 
 Progress = Callable[[str, int], None]
 
@@ -64,6 +64,26 @@ def nemo_members(
 
         members[fp.path] = nemo_fmt.MemberSource(layout.size, produce)
     return members
+
+
+def member_at(url: str, chunk_bytes: int = 8 << 20) -> nemo_fmt.MemberData:
+    """An archive member read from ``url``: a local path (copied by the kernel), or the object
+    streamed in while the archive is written (no local copy); a size change fails."""
+    if is_local(url):
+        return local_path(url)
+    fs, path = get_fs(url)
+    size = int(fs.size(path))
+
+    def produce(sink) -> None:
+        got = 0
+        with fs.open(path, "rb", block_size=chunk_bytes) as f:
+            while chunk := f.read(chunk_bytes):
+                sink(chunk)
+                got += len(chunk)
+        if got != size:
+            raise CkptError(url, f"changed while being packaged: {got} bytes, expected {size}")
+
+    return nemo_fmt.MemberSource(size, produce)
 
 
 def package_nemo(

@@ -282,3 +282,18 @@ def put_file(
         raise
     except Exception as exc:
         raise storage_error(url, "upload failed", exc) from exc
+
+
+def put_bytes(url: str, data: bytes) -> None:
+    """A small file (a manifest, a config) at ``url``, never seen half written: locally a
+    temporary name renamed into place, in object storage one PUT."""
+    fs, path = get_fs(url)
+    if is_local(url):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+        return
+    with fs.open(path, "wb") as f:
+        f.write(data)

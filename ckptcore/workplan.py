@@ -2,17 +2,20 @@
 
 ``work_items(ck, plan)`` gives, per target rank file, the exact source byte ranges it reads (file,
 offset, length; merged where adjacent) and the size of the file it writes: JSON-serialisable, so a
-scheduler can hand items to different machines. ``estimate`` turns items into an expected wall
-time for N workers of a given bandwidth (greedy longest-first assignment).
+scheduler can hand items to different machines. :func:`write_item` carries one out where it
+runs: it opens the source itself and streams its one rank file to a URL. ``estimate`` turns items
+into an expected wall time for N workers of a given bandwidth (greedy longest-first assignment).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from ckptcore.engine import file_layout, planned_reads
-from ckptcore.plan import Plan
-from ckptcore.sources import Checkpoint
+from ckptcore.engine import file_layout, planned_reads, write_file, write_rank
+from ckptcore.errors import CkptError
+from ckptcore.plan import FilePlan, Plan
+from ckptcore.sources import Checkpoint, open_checkpoint
+from ckptcore.storage import RangeCache, get_fs, is_local, local_path
 
 
 @dataclass
@@ -77,3 +80,51 @@ def estimate(items: list[WorkItem], workers: int, gbps_per_worker: float) -> dic
         loads[k] += item.read_bytes + item.write_bytes
     seconds = max(loads) / (gbps_per_worker * 1e9)
     return {"workers": workers, "seconds": seconds, "busiest_worker_bytes": max(loads)}
+
+
+def _complete_at(url: str, size: int) -> bool:
+    fs, path = get_fs(url)
+    try:
+        return int(fs.size(path)) == size
+    except FileNotFoundError:
+        return False
+
+
+def write_work_item(
+    source: str,
+    checkpoint: str,
+    fp: FilePlan,
+    url: str,
+    *,
+    cache: RangeCache | str | None = None,
+    part_bytes: int = 64 << 20,
+) -> tuple[int, bool]:
+    """The target rank file ``fp`` streamed from ``source`` (opened here, read by ranges) to
+    ``url``; ``(size, resumed)``, ``resumed`` when a complete file of the planned size was
+    there already. Nothing is at ``url`` unless complete: an object store's multipart upload
+    (``part_bytes`` parts) completes or is aborted; a local file is renamed into place (its URL
+    must end with the member path). Memory stays near the largest tensor slice it handles."""
+    size = file_layout(fp).size
+    if _complete_at(url, size):
+        return size, True
+    with open_checkpoint(source, checkpoint, cache=cache) as ck:
+        if is_local(url):
+            path = local_path(url)
+            if not path.endswith("/" + fp.path):
+                raise CkptError(url, f"a local item URL must end with its member {fp.path}")
+            write_file(ck, fp, path[: -len(fp.path) - 1], allow_nonfinite=False)
+            return size, False
+        fs, path = get_fs(url)
+        out = fs.open(path, "wb", block_size=part_bytes)
+        try:
+            written = write_rank(ck, fp, out.write, file_layout(fp), allow_nonfinite=False)
+            if written != size:
+                raise CkptError(url, f"wrote {written} bytes, the plan says {size}")
+            out.close()
+        except BaseException:
+            discard = getattr(out, "discard", None)
+            if discard is not None:
+                discard()  # aborts the multipart upload: nothing appears at url
+                out.closed = True
+            raise
+    return size, False

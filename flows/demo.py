@@ -46,11 +46,10 @@ def _write_sample(folder: str) -> tuple[str, dict[str, Any]]:
 def _max_logit_diff(source: str, nemo: str) -> float:
     import torch
 
-    from ckptcore.api import sample_images
-    from ckptcore.model.vit import VitClassificationModel
+    from ckptcore.api import restore_model, sample_images
 
-    a = VitClassificationModel.restore_from(source)
-    b = VitClassificationModel.restore_from(nemo)
+    a = restore_model(source)  # VitClassificationModel.restore_from
+    b = restore_model(nemo)
     images = sample_images(a.cfg, count=8, seed=123)
     with torch.no_grad():
         return float((a(images) - b(images)).abs().max())

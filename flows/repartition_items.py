@@ -13,12 +13,16 @@ from prefect.artifacts import create_table_artifact
 from prefect.futures import wait
 from prefect.logging import get_run_logger
 
-from ckptcore.api import plan_conversion
-from ckptcore.formats.nemo import CONFIG_NAME, dump_config
+from ckptcore.api import (
+    CONFIG_NAME,
+    dump_config,
+    is_local,
+    join,
+    open_checkpoint,
+    plan_conversion,
+    work_items,
+)
 from ckptcore.lineage import Layout
-from ckptcore.sources import open_checkpoint
-from ckptcore.storage import is_local, join
-from ckptcore.workplan import work_items
 from tasks import settings
 from tasks.convert import Partition
 from tasks.items import (

@@ -8,9 +8,8 @@ from dataclasses import dataclass, replace
 
 from prefect import runtime
 
+from ckptcore.api import is_local, is_s3
 from ckptcore.errors import CkptError
-from ckptcore.multipart import is_s3
-from ckptcore.storage import is_local
 from flows.repartition_items import run_mapped
 from tasks import settings
 from tasks.cache import run_cached

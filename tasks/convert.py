@@ -24,11 +24,18 @@ from typing import Any
 from prefect import get_run_logger, task
 
 from ckptcore import api, lineage
-from ckptcore.api import package_nemo, plan_conversion, write_rank_files
+from ckptcore.api import (
+    get_fs,
+    is_local,
+    join,
+    local_path,
+    open_checkpoint,
+    package_nemo,
+    plan_conversion,
+    put_file,
+    write_rank_files,
+)
 from ckptcore.errors import CkptError
-from ckptcore.output import put_file
-from ckptcore.sources import open_checkpoint
-from ckptcore.storage import get_fs, is_local, join, local_path
 from ckptcore.verify_process import VerifyProcess, VerifyProcessGone
 from tasks import settings
 from tasks.cache import ContentCache

@@ -1,10 +1,11 @@
 """The mapped repartition: one Prefect task per target rank file, on threads, Dask or Ray.
 
 ``ckptcore.workplan`` cuts a conversion into independent work items, one per target rank file.
-Here each item is a task that opens the source itself (``s3://`` with ranged reads, or a folder
-every worker sees), streams its one rank file with ``engine.write_rank`` straight into the
-staging location (``fs.open(url, "wb")``; locally a temporary name renamed into place) and
-returns an :class:`ItemResult` saying which worker did it, how many bytes and how long.
+Here each item is a task that runs ``ckptcore.api.write_work_item`` where it lands: it opens the
+source itself (``s3://`` with ranged reads, or a folder every worker sees), streams its one rank
+file straight into the staging location (an upload that completes or is aborted; locally a
+temporary name renamed into place) and returns an :class:`ItemResult` saying which worker did it,
+how many bytes and how long.
 
 ``make_task_runner`` turns a runner spec (``threads[:N]``, ``dask``, ``dask://host:8786``,
 ``ray``, ``ray://host:10001``) into a Prefect task runner; ``package_staged`` tars a partition
@@ -28,19 +29,21 @@ from prefect.logging import get_run_logger
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from ckptcore import lineage
-from ckptcore.api import package_nemo
-from ckptcore.engine import file_layout, write_file, write_rank
+from ckptcore.api import (
+    CONFIG_NAME,
+    FilePlan,
+    Plan,
+    join,
+    member_at,
+    package_nemo,
+    put_bytes,
+    write_work_item,
+)
 from ckptcore.errors import CkptError
-from ckptcore.formats import nemo as nemo_fmt
-from ckptcore.plan import FilePlan, Plan
-from ckptcore.sources import open_checkpoint
-from ckptcore.storage import get_fs, is_local, join, local_path
 from tasks import settings
 from tasks.convert import PARTITION_MANIFEST, Packaged, Partition, keyed_folder
 from tasks.retry import storage_retries
 from tasks.source import FetchedCheckpoint, SourceListing, changed_since_listed
-
-CHUNK_BYTES = 8 << 20
 
 # ------------------------------------------------------------------------------ runners
 
@@ -193,14 +196,6 @@ class ItemResult:
     peak_rss_bytes: int = 0  # the worker process's peak resident memory so far
 
 
-def _exists_with_size(url: str, size: int) -> bool:
-    fs, path = get_fs(url)
-    try:
-        return int(fs.size(path)) == size
-    except FileNotFoundError:
-        return False
-
-
 def write_item_file(
     source: str,
     checkpoint: str,
@@ -210,51 +205,19 @@ def write_item_file(
     read_bytes: int = 0,
     cache_dir: str | None = None,
 ) -> ItemResult:
-    """Open the source, stream the one rank file of ``fp`` to ``url``; nothing at ``url``
-    unless complete (S3: the upload completes or is aborted; local: renamed into place).
-    ``cache_dir``: a range cache for what is read (items running beside the flow's verify)."""
+    """:func:`ckptcore.workplan.write_item` after checking the source is what the run listed,
+    with who ran it and how fast. ``cache_dir``: a range cache for what is read (items running
+    beside the flow's verify)."""
     start, started = time.perf_counter(), time.time()
-    layout = file_layout(fp)
-    tensors = sum(1 for t in fp.tensors if t.spec is not None)
-
-    def result(resumed: bool) -> ItemResult:
-        return ItemResult(
-            fp.path,
-            url,
-            layout.size,
-            read_bytes,
-            tensors,
-            worker_identity(),
-            time.perf_counter() - start,
-            resumed,
-            started,
-            peak_rss_bytes(),
-        )
-
-    if _exists_with_size(url, layout.size):
-        return result(True)
     check_unchanged(objects)
-    with open_checkpoint(source, checkpoint, cache=cache_dir) as ck:
-        if is_local(url):
-            path = local_path(url)
-            if not path.endswith("/" + fp.path):
-                raise CkptError(url, f"a local item URL must end with its member {fp.path}")
-            write_file(ck, fp, path[: -len(fp.path) - 1], allow_nonfinite=False)
-        else:
-            fs, path = get_fs(url)
-            out = fs.open(path, "wb", block_size=settings.upload_chunk_bytes())
-            try:
-                written = write_rank(ck, fp, out.write, layout, allow_nonfinite=False)
-                if written != layout.size:
-                    raise CkptError(url, f"wrote {written} bytes, the plan says {layout.size}")
-                out.close()
-            except BaseException:
-                discard = getattr(out, "discard", None)
-                if discard is not None:
-                    discard()  # aborts the multipart upload: nothing appears at url
-                    out.closed = True
-                raise
-    return result(False)
+    size, resumed = write_work_item(
+        source, checkpoint, fp, url, cache=cache_dir, part_bytes=settings.upload_chunk_bytes()
+    )
+    tensors = sum(1 for t in fp.tensors if t.spec is not None)
+    return ItemResult(
+        fp.path, url, size, read_bytes, tensors, worker_identity(),
+        time.perf_counter() - start, resumed, started, peak_rss_bytes(),
+    )  # fmt: skip
 
 
 @task(
@@ -288,46 +251,14 @@ def write_item(
 # ------------------------------------------------------------------------------ staging
 
 
-def write_small(url: str, data: bytes) -> None:
-    fs, path = get_fs(url)
-    if is_local(url):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    else:
-        with fs.open(path, "wb") as f:
-            f.write(data)
-
-
 def commit_partition(part: Partition, config_yaml: bytes) -> None:
     """``model_config.yaml`` then ``partition.json`` beside the items (the same layout the
     ``repartition/vit`` deployment leaves): the staged folder is a complete extracted .nemo."""
-    write_small(part.members[nemo_fmt.CONFIG_NAME], config_yaml)
-    write_small(
+    put_bytes(part.members[CONFIG_NAME], config_yaml)
+    put_bytes(
         join(part.url, PARTITION_MANIFEST),
         json.dumps(part.manifest(), indent=2, sort_keys=True).encode(),
     )
-
-
-def staged_member(url: str) -> nemo_fmt.MemberData:
-    """A partition member for ``write_nemo``: a local path, or the object streamed in."""
-    if is_local(url):
-        return local_path(url)
-    fs, path = get_fs(url)
-    size = int(fs.size(path))
-
-    def produce(sink) -> None:
-        got = 0
-        with fs.open(path, "rb", block_size=CHUNK_BYTES) as f:
-            while chunk := f.read(CHUNK_BYTES):
-                sink(chunk)
-                got += len(chunk)
-        if got != size:
-            raise CkptError(url, f"changed while being packaged: {got} bytes, expected {size}")
-
-    return nemo_fmt.MemberSource(size, produce)
 
 
 def package_staged_partition(
@@ -339,7 +270,7 @@ def package_staged_partition(
     os.makedirs(os.path.dirname(out_path), exist_ok=True)
     if lineage.MEMBER_NAME in partition.members:
         raise CkptError(partition.url, f"partition already has a {lineage.MEMBER_NAME}")
-    files = {m: staged_member(u) for m, u in partition.members.items()}
+    files = {m: member_at(u) for m, u in partition.members.items()}
     files[lineage.MEMBER_NAME] = record.to_json().encode("utf-8")
     size = package_nemo(files, out_path, overwrite=True)
     return Packaged(out_path, size, lineage.sha256_file(out_path), time.perf_counter() - start)

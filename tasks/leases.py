@@ -25,8 +25,7 @@ import socket
 import threading
 from collections.abc import Iterator
 
-from ckptcore.output import lock_file
-from ckptcore.storage import is_local, local_path
+from ckptcore.api import is_local, local_path, lock_file
 
 HOLDERS = ".holders"
 _LOCK = ".lock"

@@ -25,9 +25,10 @@ from prefect.context import AssetContext
 from prefect.logging import get_logger, get_run_logger
 from prefect.tasks import MaterializingTask
 
-from ckptcore import lineage, output
+from ckptcore import lineage
+from ckptcore.api import check_destination as check_output
+from ckptcore.api import get_fs, is_local, local_path, put_file
 from ckptcore.errors import CkptError
-from ckptcore.storage import get_fs, is_local, local_path
 from tasks import settings
 from tasks.convert import Packaged, Verified
 from tasks.leases import release
@@ -72,10 +73,10 @@ def put_atomically(
     content_type: str | None = None,
     progress: Progress | None = None,
 ) -> None:
-    """:func:`ckptcore.output.put_file` with this worker's part size and concurrency, progress
+    """:func:`ckptcore.api.put_file` with this worker's part size and concurrency, progress
     on the run page."""
     progress = progress or Progress(f"upload {url}", 0)
-    output.put_file(
+    put_file(
         local,
         url,
         metadata=metadata,
@@ -119,7 +120,7 @@ def check_destination(destination: str, source: str, overwrite: bool = False) ->
     """Fail early when the destination exists (unless ``overwrite``) or is the source."""
     if not destination.endswith(".nemo"):
         raise CkptError(destination, "the destination must be a .nemo file URL")
-    output.check_destination(destination, [source], overwrite)
+    check_output(destination, [source], overwrite)
     sidecar = lineage.sidecar_url(destination)
     if not overwrite and _exists(sidecar):
         raise CkptError(destination, f"already converted: {sidecar} exists (pass overwrite)")

@@ -21,11 +21,18 @@ from typing import Any
 from prefect import task
 
 from ckptcore import lineage
+from ckptcore.api import (
+    CONFIG_NAME,
+    etag_of,
+    find_checkpoint,
+    forget_listings,
+    get_fs,
+    is_local,
+    join,
+    local_path,
+    parse_rank_folder,
+)
 from ckptcore.errors import CkptError
-from ckptcore.formats.nemo import CONFIG_NAME
-from ckptcore.formats.ptl import find_checkpoint
-from ckptcore.layout import parse_rank_folder
-from ckptcore.storage import etag_of, forget_listings, get_fs, is_local, join, local_path
 from tasks.cache import ContentCache, run_cached
 from tasks.leases import hold
 from tasks.progress import Progress

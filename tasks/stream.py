@@ -29,11 +29,17 @@ from prefect.cache_policies import NO_CACHE
 from prefect.transactions import Transaction, get_transaction
 
 from ckptcore import lineage
-from ckptcore.api import nemo_members, plan_conversion, write_nemo_file
-from ckptcore.follow import FollowingDigest
-from ckptcore.formats.nemo import MemberSource
-from ckptcore.multipart import FollowingUpload, is_s3, part_size_for
-from ckptcore.sources import open_checkpoint
+from ckptcore.api import (
+    FollowingDigest,
+    FollowingUpload,
+    MemberSource,
+    is_s3,
+    nemo_members,
+    open_checkpoint,
+    part_size_for,
+    plan_conversion,
+    write_nemo_file,
+)
 from tasks import settings
 from tasks.convert import Packaged
 from tasks.lineage import start_lineage

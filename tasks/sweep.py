@@ -8,10 +8,8 @@ from dataclasses import dataclass
 from prefect import task
 
 from ckptcore import lineage
+from ckptcore.api import get_fs, is_local, join, local_path, parse_rank_folder, scan_folder
 from ckptcore.errors import CkptError
-from ckptcore.formats.ptl import scan_folder
-from ckptcore.layout import parse_rank_folder
-from ckptcore.storage import get_fs, is_local, join, local_path
 from tasks.retry import storage_retries
 from tasks.source import SourceListing, default_destination
 

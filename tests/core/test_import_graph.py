@@ -90,3 +90,40 @@ def test_only_the_settings_module_reads_the_environment() -> None:
         if "os.environ" in path.read_text() or "getenv(" in path.read_text()
     )
     assert readers == ["ckptcore/settings.py"]
+
+
+# What the Prefect layer may import of ckptcore: the surface (``ckptcore.api``, whose module
+# docstring lists the pipeline's steps), the records and errors, the settings, the verify
+# process, the community import, and the sample generator (the demo).
+SURFACE = {
+    "ckptcore",
+    "ckptcore.api",
+    "ckptcore.community.api",
+    "ckptcore.errors",
+    "ckptcore.lineage",
+    "ckptcore.sample",
+    "ckptcore.settings",
+    "ckptcore.verify_process",
+}
+
+
+def test_tasks_and_flows_reach_ckptcore_through_its_surface() -> None:
+    root = PACKAGE.parent
+    used: dict[str, set[str]] = {}
+    for folder in ("tasks", "flows"):
+        for path in sorted((root / folder).glob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("ckptcore"):
+                    module = node.module or ""
+                    if module == "ckptcore":  # from ckptcore import lineage, ...
+                        names = {f"ckptcore.{a.name}" for a in node.names}
+                    else:
+                        names = {module}
+                    used.setdefault(str(path.relative_to(root)), set()).update(names)
+                elif isinstance(node, ast.Import):
+                    for a in node.names:
+                        if a.name.startswith("ckptcore"):
+                            used.setdefault(str(path.relative_to(root)), set()).add(a.name)
+    assert used, "no ckptcore imports found: the test reads the wrong folders"
+    outside = {f: sorted(m - SURFACE) for f, m in used.items() if m - SURFACE}
+    assert outside == {}, f"tasks/flows import ckptcore internals: {outside}"

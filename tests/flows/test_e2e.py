@@ -90,7 +90,6 @@ def test_deployed_convert_run_and_training_event(tmp_path, monkeypatch):
         PREFECT_HOME=str(tmp_path / "prefect-home"),
         PREFECT_WORKER_QUERY_SECONDS="2",
         PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED="false",  # no cron sweep during the test
-        CKPT_POLL_SECONDS="2",
         CKPT_RETRY_BACKOFF="0",
         AWS_ACCESS_KEY_ID="testing",
         AWS_SECRET_ACCESS_KEY="testing",
