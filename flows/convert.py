@@ -3,9 +3,11 @@
     list-source -> check-destination -> build the .nemo -> verify -> upload (+ sidecar,
     metadata, asset) -> report-lineage -> clean-work
 
-Verify and upload run in one Prefect transaction with the build: a failure rolls it back (a
-streamed upload is aborted, an uncommitted object removed), so nothing appears at the
-destination. The ``.nemo`` is built one of four ways, chosen by parameters:
+One run writes a destination at a time: from check-destination to report-lineage the run
+holds a Prefect global concurrency limit named by the destination, and a second run for it
+waits there. Verify and upload run in one Prefect transaction with the build: a failure rolls
+it back (a streamed upload is aborted, an uncommitted object removed), so nothing appears at
+the destination. The ``.nemo`` is built one of four ways, chosen by parameters:
 
 | route | when | steps |
 |---|---|---|
@@ -32,7 +34,7 @@ from tasks import settings
 from tasks.convert import verifier_for_run, verify_output
 from tasks.handoff import handed_off
 from tasks.leases import run_holds
-from tasks.publish import check_destination, clean_work, publish, report_lineage
+from tasks.publish import check_destination, clean_work, one_writer, publish, report_lineage
 from tasks.source import default_destination, hold_source_folders, list_source
 
 Repartition = Literal["auto", "inline", "deployment"]
@@ -109,18 +111,18 @@ def convert_pipeline(job: ConvertJob) -> dict[str, str]:
     ):
         listing = list_source(job.source, job.checkpoint)
         job.require_kind(listing.kind)
-        destination = check_destination(
-            job.destination or default_destination(listing), listing.root, job.overwrite
-        )
-        hold_source_folders(listing, config.work_folder())
-        with transaction():  # a failure up to the commit rolls back: nothing is published
-            built = job.build(listing, destination, handoff)
-            verified = (
-                verify_output(built.fetched, built.packaged, job.tolerance, verifier)
-                if job.verify
-                else None
-            )
-            uploaded = publish(built, verified)
-        report_lineage(uploaded.record)
+        destination = job.destination or default_destination(listing)
+        with one_writer(destination):  # another run for it waits here until this one ends
+            destination = check_destination(destination, listing.root, job.overwrite)
+            hold_source_folders(listing, config.work_folder())
+            with transaction():  # a failure up to the commit rolls back: nothing is published
+                built = job.build(listing, destination, handoff)
+                verified = (
+                    verify_output(built.fetched, built.packaged, job.tolerance, verifier)
+                    if job.verify
+                    else None
+                )
+                uploaded = publish(built, verified)
+            report_lineage(uploaded.record)
         clean_work(config.work_folder(), built.work_files, built.shared_roots)
         return uploaded.record.summary()

@@ -12,7 +12,7 @@ from tasks.community import import_community, verify_import
 from tasks.convert import package
 from tasks.leases import hold, run_holds
 from tasks.lineage import finish_lineage, start_lineage
-from tasks.publish import check_destination, clean_work, report_lineage, upload_task
+from tasks.publish import check_destination, clean_work, one_writer, report_lineage, upload_task
 from tasks.source import fetch, fetch_location, fetched_is_present, list_source
 
 
@@ -43,14 +43,14 @@ def import_hf_vit(
         overwrite: replace an existing destination.
         tolerance: the verify bound.
     """
-    with run_holds():  # whatever this run still holds is let go when it ends
+    with settings.pinned() as config, run_holds(), one_writer(destination):
         listing = list_source(source)
         if listing.kind != "community":
             raise CkptError(
                 source, f"is a {listing.kind} checkpoint; expected a folder with config.json"
             )
         destination = check_destination(destination, listing.root, overwrite)
-        work = settings.work_dir()
+        work = config.work_folder()
         if not listing.local:  # runs over the same bytes share the downloaded files
             hold(fetch_location(listing, work))
         fetched = run_cached(fetch, fetched_is_present, listing, work)

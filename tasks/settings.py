@@ -74,6 +74,11 @@ class PipelineSettings(BaseSettings):
     verify_images: int = Field(
         1, ge=1, description="images verify runs through source and output (one uses every weight)"
     )
+    destination_wait: float = Field(
+        0.0,
+        ge=0,
+        description="seconds a run waits for another run writing its destination (0: no limit)",
+    )
     keep_work: bool = Field(
         False, description="keep a run's work files (to inspect a run, or reuse caches)"
     )

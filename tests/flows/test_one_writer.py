@@ -1,0 +1,80 @@
+"""One writer per destination: runs for the same destination take turns on a Prefect global
+concurrency limit named by the destination (``tasks.publish.one_writer``)."""
+
+from __future__ import annotations
+
+import os
+import tarfile
+import threading
+
+import pytest
+from prefect.client.orchestration import get_client
+
+import flows.convert
+from flows.convert import convert_vit
+from tasks.publish import one_writer, writer_limit_name
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
+
+def _message(state) -> str:
+    with pytest.raises(Exception) as info:
+        state.result()
+    return str(info.value)
+
+
+def test_a_second_run_for_a_destination_waits_for_the_first(
+    tmp_path, work_dir, sample_factory, monkeypatch
+):
+    """Run B starts while run A is verifying the same destination: B waits for A's slot, then
+    finds A's committed ``.nemo`` and stops saying so (it never overwrites A's, never fails
+    half way)."""
+    sample = sample_factory(None, None, tp=2)
+    dest = str(tmp_path / "models" / "vit.nemo")
+    a_verifying, b_started = threading.Event(), threading.Event()
+    real_verify = flows.convert.verify_output
+
+    def slow_first_verify(*args, **kwargs):
+        if not a_verifying.is_set():
+            a_verifying.set()
+            assert b_started.wait(60)
+            threading.Event().wait(3)  # B lists and reaches the destination meanwhile
+        return real_verify(*args, **kwargs)
+
+    monkeypatch.setattr(flows.convert, "verify_output", slow_first_verify)
+    states = {}
+
+    def run(name: str) -> None:
+        states[name] = convert_vit(
+            source=sample.local, destination=dest, target_tp=1, return_state=True
+        )
+
+    a = threading.Thread(target=run, args=("a",))
+    a.start()
+    assert a_verifying.wait(120)
+    b = threading.Thread(target=run, args=("b",))
+    b.start()
+    b_started.set()
+    a.join(300)
+    b.join(300)
+    assert states["a"].is_completed(), states["a"]
+    assert states["b"].is_failed()
+    assert "destination already exists" in _message(states["b"])
+    assert tarfile.is_tarfile(dest) and os.path.exists(dest + ".lineage.json")
+    with get_client(sync_client=True) as client:
+        limit = client.read_global_concurrency_limit_by_name(writer_limit_name(dest))
+    assert limit.limit == 1 and limit.active_slots == 0  # both runs let go of it
+
+
+def test_a_run_that_waited_too_long_says_why(tmp_path, work_dir, sample_factory, monkeypatch):
+    """``CKPT_DESTINATION_WAIT``: a run stops after that long, naming the destination and the
+    limit, and writes nothing."""
+    sample = sample_factory(None, None, tp=2)
+    dest = str(tmp_path / "vit.nemo")
+    monkeypatch.setenv("CKPT_DESTINATION_WAIT", "1")
+    with one_writer(dest):  # another run writing it
+        state = convert_vit(source=sample.local, destination=dest, return_state=True)
+    assert state.is_failed()
+    message = _message(state)
+    assert dest in message and "another run has been writing this destination for 1 s" in message
+    assert writer_limit_name(dest) in message and not os.path.exists(dest)
