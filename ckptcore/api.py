@@ -11,14 +11,14 @@ module of ckptcore (besides the records in ``lineage``, ``errors`` and ``setting
   ``package_nemo``, ``write_nemo_file``, ``FollowingDigest``
 - verify: ``verify``, ``same_weights``, ``sample_images`` (``verify_process`` runs it ahead of
   time in a child process)
-- publish: ``put_file``, ``put_bytes``, ``FollowingUpload``, ``check_destination``, ``lock_file``
+- publish: ``put_file``, ``put_bytes``, ``FollowingUpload``, ``check_destination``, ``lock_file``,
+  ``abort_incomplete_uploads``
 - storage URLs: ``get_fs``, ``join``, ``is_local``, ``local_path``, ``is_s3``, ``etag_of``,
   ``forget_listings``
 """
 
 from __future__ import annotations
 
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
@@ -44,7 +44,14 @@ from ckptcore.nemo_io import (
     write_nemo_file,
     write_rank_files,
 )
-from ckptcore.output import check_destination, lock_file, put_bytes, put_file
+from ckptcore.output import (
+    abort_incomplete_uploads,
+    check_destination,
+    lock_file,
+    put_bytes,
+    put_file,
+    staging_folder,
+)
 from ckptcore.plan import FilePlan, Plan, build_plan
 from ckptcore.sources import Checkpoint, open_checkpoint
 from ckptcore.storage import (
@@ -63,7 +70,7 @@ __all__ = [
     "ConvertReport", "VerifyReport", "convert", "describe_dtype", "inspect", "plan_conversion",
     "restore_model", "same_weights", "sample_images", "save_model", "verify", "write_converted",
     # the pipeline's steps (the module docstring lists them by step)
-    "CONFIG_NAME", "Checkpoint", "FilePlan", "FollowingDigest", "FollowingUpload", "MemberData",
+    "CONFIG_NAME", "Checkpoint", "abort_incomplete_uploads", "staging_folder", "FilePlan", "FollowingDigest", "FollowingUpload", "MemberData",
     "MemberSource", "Plan", "Progress", "RangeCache", "WorkItem", "check_destination",
     "dump_config", "estimate", "etag_of", "find_checkpoint", "forget_listings", "get_fs",
     "is_local", "is_s3", "join", "load_state_dict", "local_path", "lock_file", "member_at",
@@ -154,7 +161,7 @@ def write_converted(
     with more, they are written in parallel to a staging folder and then packed.
     """
     start = time.perf_counter() if start is None else start
-    with tempfile.TemporaryDirectory(prefix="ckpt-stage-") as stage:
+    with staging_folder() as stage:
         if workers > 1 and len(plan.files) > 1:
             try:
                 staged = write_rank_files(ck, plan, stage, workers, allow_nonfinite, progress)

@@ -19,6 +19,7 @@ import contextlib
 import fcntl
 import os
 import re
+import shutil
 import tempfile
 import time
 import uuid
@@ -208,7 +209,8 @@ def atomic_output(dest: str, sources: list[str] = (), overwrite: bool = False) -
 
 
 def _remote_output(dest: str) -> Iterator[str]:
-    fd, tmp = tempfile.mkstemp(prefix="ckpt-upload-", suffix=".tmp")
+    remove_orphaned_stages()
+    fd, tmp = tempfile.mkstemp(prefix=f"{STAGE_PREFIX}{os.getpid()}-upload-", suffix=".tmp")
     os.close(fd)
     try:
         try:
@@ -297,3 +299,91 @@ def put_bytes(url: str, data: bytes) -> None:
         return
     with fs.open(path, "wb") as f:
         f.write(data)
+
+
+def abort_incomplete_uploads(url: str) -> list[str]:
+    """Abort the multipart uploads to exactly ``url``'s S3 key that were started and never
+    completed nor aborted (a writer killed mid-upload leaves one: it never becomes an object,
+    but the store keeps its parts); the upload ids aborted. Nothing for other stores. Call it
+    only while no other writer of ``url`` is live (the pipeline holds the destination's
+    slot)."""
+    if not url.startswith(("s3://", "s3a://")):
+        return []
+    fs, path = get_fs(url)
+    bucket, key, _ = fs.split_path(path)
+    aborted = []
+    try:
+        reply = fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=key)
+        while True:
+            for upload in reply.get("Uploads", []):
+                if upload.get("Key") == key:
+                    fs.call_s3(
+                        "abort_multipart_upload",
+                        Bucket=bucket,
+                        Key=key,
+                        UploadId=upload["UploadId"],
+                    )
+                    aborted.append(upload["UploadId"])
+            if not reply.get("IsTruncated"):
+                return aborted
+            reply = fs.call_s3(
+                "list_multipart_uploads",
+                Bucket=bucket,
+                Prefix=key,
+                KeyMarker=reply.get("NextKeyMarker", ""),
+                UploadIdMarker=reply.get("NextUploadIdMarker", ""),
+            )
+    except (CkptError, StorageError):
+        raise
+    except Exception as exc:
+        raise storage_error(url, "cannot list or abort its incomplete uploads", exc) from exc
+
+
+STAGE_PREFIX = "ckpt-stage-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def remove_orphaned_stages(root: str | None = None) -> list[str]:
+    """Remove the staging folders and files under ``root`` (the system's temporary folder)
+    whose process is gone (killed mid-write: its ``finally`` never ran); the paths removed. Each
+    is named ``ckpt-stage-<pid>-...`` by the process that made it; a live (or reused) pid keeps
+    it."""
+    root = root or tempfile.gettempdir()
+    removed = []
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return removed
+    for name in names:
+        match = re.match(rf"^{STAGE_PREFIX}(\d+)-", name)
+        if match and not _alive(int(match.group(1))):
+            path = os.path.join(root, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+            removed.append(path)
+    return removed
+
+
+@contextlib.contextmanager
+def staging_folder() -> Iterator[str]:
+    """A temporary folder for rank files written in parallel (``ckpt-stage-<pid>-<random>``
+    in the system's temporary folder), removed afterwards; the folders killed runs left there
+    are removed first."""
+    remove_orphaned_stages()
+    path = tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{os.getpid()}-")
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

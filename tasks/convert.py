@@ -11,7 +11,6 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 import sys
 import tempfile
 import threading
@@ -33,6 +32,7 @@ from ckptcore.api import (
     package_nemo,
     plan_conversion,
     put_file,
+    staging_folder,
     write_rank_files,
 )
 from ckptcore.errors import CkptError
@@ -149,8 +149,8 @@ def write_partition(
         tensor_bytes = sum(f.write_bytes for f in plan.files)
         progress = Progress(f"repartition to TP={plan.target.tp} PP={plan.target.pp}", tensor_bytes)
         local_out = is_local(output_url)
-        stage = local_path(output_url) if local_out else tempfile.mkdtemp(prefix="ckpt-part-")
-        try:
+        with contextlib.ExitStack() as stack:
+            stage = local_path(output_url) if local_out else stack.enter_context(staging_folder())
             os.makedirs(stage, exist_ok=True)
             files = write_rank_files(ck, plan, stage, progress=progress.tensor)
             progress.finish()
@@ -162,9 +162,6 @@ def write_partition(
                         part_bytes=settings.upload_chunk_bytes(),
                         concurrency=settings.upload_concurrency(),
                     )
-        finally:
-            if not local_out:
-                shutil.rmtree(stage, ignore_errors=True)
         part = Partition(
             url=output_url,
             members={m: join(output_url, m) for m in files},

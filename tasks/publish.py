@@ -31,8 +31,8 @@ from prefect.logging import get_logger, get_run_logger
 from prefect.tasks import MaterializingTask
 
 from ckptcore import lineage
+from ckptcore.api import abort_incomplete_uploads, get_fs, is_local, local_path, put_file
 from ckptcore.api import check_destination as check_output
-from ckptcore.api import get_fs, is_local, local_path, put_file
 from ckptcore.errors import CkptError
 from tasks import settings
 from tasks.convert import Packaged, Verified
@@ -156,13 +156,21 @@ def one_writer(destination: str) -> Iterator[str]:
     **storage_retries(),
 )
 def check_destination(destination: str, source: str, overwrite: bool = False) -> str:
-    """Fail early when the destination exists (unless ``overwrite``) or is the source."""
+    """Fail early when the destination exists (unless ``overwrite``) or is the source; abort
+    the incomplete multipart uploads a killed run left for it (this run holds the
+    destination's slot: no live run is writing it)."""
     if not destination.endswith(".nemo"):
         raise CkptError(destination, "the destination must be a .nemo file URL")
     check_output(destination, [source], overwrite)
     sidecar = lineage.sidecar_url(destination)
     if not overwrite and _exists(sidecar):
         raise CkptError(destination, f"already converted: {sidecar} exists (pass overwrite)")
+    for url in (destination, sidecar):
+        aborted = abort_incomplete_uploads(url)
+        if aborted:
+            get_run_logger().info(
+                "aborted %d incomplete upload(s) an earlier run left for %s", len(aborted), url
+            )
     return destination
 
 

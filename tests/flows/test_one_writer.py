@@ -78,3 +78,35 @@ def test_a_run_that_waited_too_long_says_why(tmp_path, work_dir, sample_factory,
     message = _message(state)
     assert dest in message and "another run has been writing this destination for 1 s" in message
     assert writer_limit_name(dest) in message and not os.path.exists(dest)
+
+
+def _uploads(s3, bucket: str, prefix: str) -> list[str]:
+    reply = s3.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix)
+    return sorted(u["Key"] for u in reply.get("Uploads", []))
+
+
+def test_the_next_run_aborts_what_a_killed_run_left_uploading(s3, work_dir, prefix, sample_factory):
+    """A run killed mid-upload leaves an incomplete multipart upload (its parts kept by the
+    store, never an object). The next run for that destination aborts it and completes; an
+    upload to another key under the same prefix is not touched."""
+    src = f"s3://ckpt-training/{prefix}/checkpoints"
+    dest_key = f"{prefix}/vit.nemo"
+    sample_factory(s3, src, tp=2)
+    for key in (dest_key, dest_key + ".lineage.json", f"{prefix}/vit.nemo.bak"):
+        upload = s3.call_s3("create_multipart_upload", Bucket="ckpt-models", Key=key)
+        s3.call_s3(
+            "upload_part",
+            Bucket="ckpt-models",
+            Key=key,
+            UploadId=upload["UploadId"],
+            PartNumber=1,
+            Body=b"x" * (5 << 20),
+        )
+    assert len(_uploads(s3, "ckpt-models", prefix)) == 3
+    state = convert_vit(
+        source=src, destination=f"s3://ckpt-models/{dest_key}", target_tp=1, return_state=True
+    )
+    assert state.is_completed(), state
+    assert _uploads(s3, "ckpt-models", prefix) == [f"{prefix}/vit.nemo.bak"]
+    with s3.open(f"ckpt-models/{dest_key}", "rb") as f:
+        assert tarfile.is_tarfile(f)
