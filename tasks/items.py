@@ -62,12 +62,14 @@ class RunnerSpec:
         if self.kind == "dask":
             where = self.address or f"a LocalCluster of {self.workers or 'default'} processes"
             return f"DaskTaskRunner on {where}"
-        return f"RayTaskRunner on {self.address or 'a local Ray instance'}"
+        where = self.address or f"a local Ray cluster ({self.workers or 'all'} CPUs)"
+        return f"RayTaskRunner on {where}"
 
 
 def parse_runner(raw: str, workers: int | None = None) -> RunnerSpec:
     """``threads[:N]`` | ``dask`` | ``dask://host:port`` (``tcp://``, ``tls://``) | ``ray`` |
-    ``ray://host:port``; ``workers`` sizes a thread pool or a Dask ``LocalCluster``."""
+    ``ray://host:port``; ``workers`` sizes a thread pool, a Dask ``LocalCluster`` or a local
+    Ray cluster."""
     raw = raw.strip()
     if raw == "threads" or raw.startswith("threads:"):
         count = raw.partition(":")[2]
@@ -82,7 +84,7 @@ def parse_runner(raw: str, workers: int | None = None) -> RunnerSpec:
     if raw.startswith(("tcp://", "tls://")):
         return RunnerSpec("dask", raw)
     if raw == "ray":
-        return RunnerSpec("ray")
+        return RunnerSpec("ray", None, workers)
     if raw.startswith("ray://"):
         return RunnerSpec("ray", raw)
     raise CkptError(
@@ -117,8 +119,16 @@ def make_task_runner(spec: RunnerSpec) -> TaskRunner:
     try:
         from prefect_ray import RayTaskRunner
     except ImportError:
-        raise CkptError(None, "runner 'ray' needs prefect-ray: pip install prefect-ray") from None
-    return RayTaskRunner(address=spec.address) if spec.address else RayTaskRunner()
+        raise CkptError(
+            None, "runner 'ray' needs prefect-ray: pip install 'ckpt-pipeline[ray]'"
+        ) from None
+    if spec.address:
+        return RayTaskRunner(address=spec.address)
+    # a local cluster, started and stopped with the run: CKPT_RUNNER_WORKERS CPUs, no dashboard
+    init: dict = {"include_dashboard": False}
+    if spec.workers:
+        init["num_cpus"] = spec.workers
+    return RayTaskRunner(init_kwargs=init)
 
 
 def peak_rss_bytes() -> int:

@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import io
+import json
+import tarfile
 import uuid
 from dataclasses import dataclass
+
+import torch
+
+from ckptcore.lineage import LineageRecord
+from ckptcore.sources import open_checkpoint
 
 BUCKETS = ("ckpt-training", "ckpt-models", "ckpt-scratch")
 
@@ -57,3 +65,57 @@ def make_sample(
         return Sample(local, local, name, sd, cfg)
     s3fs_or_none.put(local + "/", url.removeprefix("s3://") + "/", recursive=True)
     return Sample(local, url, name, sd, cfg)
+
+
+# ------------------------------------------------------------------ the mapped mode
+
+
+def archive_members(blob: bytes) -> list[tuple[tarfile.TarInfo, bytes | None]]:
+    with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
+        return [(m, tar.extractfile(m).read() if m.isfile() else None) for m in tar.getmembers()]
+
+
+def assert_same_archive(a: bytes, b: bytes) -> None:
+    """Same members in the same order with the same headers and bytes; ``lineage.json`` (run
+    ids, timings) may differ."""
+    ma, mb = archive_members(a), archive_members(b)
+    assert [m.name for m, _ in ma] == [m.name for m, _ in mb]
+    for (ia, da), (ib, db) in zip(ma, mb, strict=True):
+        if ia.name == "./lineage.json":
+            continue
+        fields = ("size", "mode", "type", "uid", "gid", "uname", "gname", "mtime")
+        assert [getattr(ia, f) for f in fields] == [getattr(ib, f) for f in fields], ia.name
+        assert da == db, ia.name
+
+
+def assert_same_ranks(a: str, b: str) -> None:
+    with open_checkpoint(a) as ca, open_checkpoint(b) as cb:
+        assert (ca.tp, ca.pp) == (cb.tp, cb.pp)
+        assert sorted(ca.ranks) == sorted(cb.ranks)
+        for rank, ra in ca.ranks.items():
+            rb = cb.ranks[rank]
+            assert list(ra.state) == list(rb.state), rank
+            for key, value in ra.state.items():
+                if value is None:
+                    assert rb.state[key] is None
+                    continue
+                ta, tb = ra.tensor(key), rb.tensor(key)
+                assert ta.dtype == tb.dtype and torch.equal(ta, tb), (rank, key)
+
+
+async def work_items_table(flow_run_id: str) -> list[dict]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    async with get_client() as client:
+        arts = await client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    data = [a.data for a in arts if a.key == "work-items"]
+    assert len(data) == 1, [a.key for a in arts]
+    return json.loads(data[0]) if isinstance(data[0], str) else data[0]
+
+
+def subflow_id(record: LineageRecord) -> str:
+    note = next(n for n in record.notes if n.startswith("repartitioned as"))
+    return note.rsplit(", ", 1)[-1].split(")", 1)[0]

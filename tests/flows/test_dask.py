@@ -9,13 +9,11 @@ the Prefect API through the settings context Prefect sends along with each task.
 from __future__ import annotations
 
 import asyncio
-import io
-import json
-import tarfile
 import time
 
 import pytest
 import torch
+from flow_helpers import assert_same_archive, assert_same_ranks, subflow_id, work_items_table
 
 from ckptcore.errors import CkptError
 from ckptcore.lineage import LineageRecord
@@ -31,57 +29,6 @@ TWO_PROCESSES = {
     "threads_per_worker": 1,
     "dashboard_address": None,
 }
-
-
-def _members(blob: bytes) -> list[tuple[tarfile.TarInfo, bytes | None]]:
-    with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
-        return [(m, tar.extractfile(m).read() if m.isfile() else None) for m in tar.getmembers()]
-
-
-def _assert_same_archive(a: bytes, b: bytes) -> None:
-    """Same members in the same order with the same headers and bytes; ``lineage.json`` (run
-    ids, timings) may differ."""
-    ma, mb = _members(a), _members(b)
-    assert [m.name for m, _ in ma] == [m.name for m, _ in mb]
-    for (ia, da), (ib, db) in zip(ma, mb, strict=True):
-        if ia.name == "./lineage.json":
-            continue
-        fields = ("size", "mode", "type", "uid", "gid", "uname", "gname", "mtime")
-        assert [getattr(ia, f) for f in fields] == [getattr(ib, f) for f in fields], ia.name
-        assert da == db, ia.name
-
-
-def _assert_same_ranks(a: str, b: str) -> None:
-    with open_checkpoint(a) as ca, open_checkpoint(b) as cb:
-        assert (ca.tp, ca.pp) == (cb.tp, cb.pp)
-        assert sorted(ca.ranks) == sorted(cb.ranks)
-        for rank, ra in ca.ranks.items():
-            rb = cb.ranks[rank]
-            assert list(ra.state) == list(rb.state), rank
-            for key, value in ra.state.items():
-                if value is None:
-                    assert rb.state[key] is None
-                    continue
-                ta, tb = ra.tensor(key), rb.tensor(key)
-                assert ta.dtype == tb.dtype and torch.equal(ta, tb), (rank, key)
-
-
-async def _work_items_table(flow_run_id: str) -> list[dict]:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
-
-    async with get_client() as client:
-        arts = await client.read_artifacts(
-            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
-        )
-    data = [a.data for a in arts if a.key == "work-items"]
-    assert len(data) == 1, [a.key for a in arts]
-    return json.loads(data[0]) if isinstance(data[0], str) else data[0]
-
-
-def _subflow_id(record: LineageRecord) -> str:
-    note = next(n for n in record.notes if n.startswith("repartitioned as"))
-    return note.rsplit(", ", 1)[-1].split(")", 1)[0]
 
 
 @pytest.mark.usefixtures("prefect_api")
@@ -106,8 +53,8 @@ def test_dask_local_cluster_output_equals_the_one_process_run(
     print(f"one process {t1 - t0:.1f} s, dask (2 workers, with cluster start) {t2 - t1:.1f} s")
 
     a, b = (s3.cat_file(d.removeprefix("s3://")) for d in dests)
-    _assert_same_archive(a, b)
-    _assert_same_ranks(*dests)
+    assert_same_archive(a, b)
+    assert_same_ranks(*dests)
 
     ra, rb = (
         LineageRecord.from_json(s3.cat_file(f"{d}.lineage.json".removeprefix("s3://")))
@@ -122,7 +69,7 @@ def test_dask_local_cluster_output_equals_the_one_process_run(
     assert rb.run.parameters["runner"] == "dask"
 
     # Four items spread over the two worker processes; nothing else reads the source.
-    rows = asyncio.run(_work_items_table(_subflow_id(rb)))
+    rows = asyncio.run(work_items_table(subflow_id(rb)))
     items = [r for r in rows if r["task"] == "write-item"]
     assert sorted(r["what"] for r in items) == sorted(
         f"tp_rank_0{t}_pp_rank_00{p}/model_weights.ckpt" for p in range(2) for t in range(2)
@@ -156,7 +103,7 @@ def test_threads_runner_local_source_resumes_finished_items(
         "1 work items on 1 worker(s) by ThreadPoolTaskRunner (2 threads)" in n for n in notes[0]
     )
     assert any("1 found complete from an earlier run" in n for n in notes[1])
-    _assert_same_archive(open(dests[0], "rb").read(), open(dests[1], "rb").read())
+    assert_same_archive(open(dests[0], "rb").read(), open(dests[1], "rb").read())
     for key, value in sample.state_dict.items():
         with open_checkpoint(dests[0]) as ck:
             if value is not None:
