@@ -223,10 +223,9 @@ def main() -> int:
             if args.storage == "s3":
                 stack.enter_context(moto_server())
             stack.enter_context(prefect_api())
-            from ckptcore.api import plan_conversion
+            from ckptcore.api import describe_source, plan_conversion
             from ckptcore.sources import open_checkpoint
             from ckptcore.workplan import estimate, work_items
-            from tasks.source import describe_source
 
             local, src = make_source(work, args, args.storage)
             listing = describe_source(src)

@@ -5,7 +5,9 @@ leaves nothing at the destination unless it succeeds. Besides the whole operatio
 ``verify``, ``inspect``, ...), the pipeline's steps are here by name, so the tasks need no other
 module of ckptcore (besides the records in ``lineage``, ``errors`` and ``settings``):
 
-- list and open: ``find_checkpoint``, ``scan_folder``, ``parse_rank_folder``, ``open_checkpoint``
+- list and open: ``describe_source``, ``locate_checkpoint``, ``fetch_checkpoint``,
+  ``check_unchanged`` (:mod:`ckptcore.listing`), ``find_checkpoint``, ``scan_folder``,
+  ``parse_rank_folder``, ``open_checkpoint``
 - plan: ``plan_conversion``, ``work_items``, ``estimate``
 - write: ``write_rank_files``, ``nemo_members``, ``write_work_item``, ``member_at``,
   ``package_nemo``, ``write_nemo_file``, ``FollowingDigest``
@@ -33,6 +35,21 @@ from ckptcore.formats.nemo import CONFIG_NAME, MemberData, MemberSource, dump_co
 from ckptcore.formats.ptl import find_checkpoint, scan_folder
 from ckptcore.layout import parse_rank_folder
 from ckptcore.lineage import Layout
+from ckptcore.listing import (
+    FetchedCheckpoint,
+    ListedFile,
+    SourceListing,
+    cache_location,
+    changed_since_listed,
+    check_unchanged,
+    default_destination,
+    describe_source,
+    fetch_checkpoint,
+    fetch_location,
+    fetched_is_present,
+    locate_checkpoint,
+    split_checkpoint_url,
+)
 from ckptcore.model.config import vit_dims, vit_options
 from ckptcore.multipart import FollowingUpload, is_s3, part_size_for
 from ckptcore.nemo_io import (
@@ -70,7 +87,10 @@ __all__ = [
     "ConvertReport", "VerifyReport", "convert", "describe_dtype", "inspect", "plan_conversion",
     "restore_model", "same_weights", "sample_images", "save_model", "verify", "write_converted",
     # the pipeline's steps (the module docstring lists them by step)
-    "CONFIG_NAME", "Checkpoint", "abort_incomplete_uploads", "staging_folder", "FilePlan", "FollowingDigest", "FollowingUpload", "MemberData",
+    "CONFIG_NAME", "Checkpoint", "abort_incomplete_uploads", "staging_folder",
+    "FetchedCheckpoint", "ListedFile", "SourceListing", "cache_location", "changed_since_listed",
+    "check_unchanged", "default_destination", "describe_source", "fetch_checkpoint",
+    "fetch_location", "fetched_is_present", "locate_checkpoint", "split_checkpoint_url", "FilePlan", "FollowingDigest", "FollowingUpload", "MemberData",
     "MemberSource", "Plan", "Progress", "RangeCache", "WorkItem", "check_destination",
     "dump_config", "estimate", "etag_of", "find_checkpoint", "forget_listings", "get_fs",
     "is_local", "is_s3", "join", "load_state_dict", "local_path", "lock_file", "member_at",

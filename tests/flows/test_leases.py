@@ -120,8 +120,8 @@ def test_a_downloaded_partition_stays_while_another_run_packages_it(
     """As deployed, each run downloads its repartition run's output into a folder named by the
     partition's content: identical checkpoints give one folder. The first run to clean up
     leaves it to the other, which then removes it."""
+    from ckptcore.api import describe_source, locate_checkpoint
     from tasks.convert import download_partition, write_partition
-    from tasks.source import describe_source, locate_checkpoint
 
     sample = sample_factory(None, None, tp=2)
     work = str(tmp_path / "work")

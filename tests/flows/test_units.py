@@ -9,10 +9,7 @@ import os
 import pytest
 
 from ckptcore import lineage
-from ckptcore.errors import CkptError
-from tasks.cache import ContentCache, content_token
-from tasks.retry import is_transient
-from tasks.source import (
+from ckptcore.api import (
     SourceListing,
     default_destination,
     describe_source,
@@ -21,6 +18,9 @@ from tasks.source import (
     locate_checkpoint,
     split_checkpoint_url,
 )
+from ckptcore.errors import CkptError
+from tasks.cache import ContentCache, content_token
+from tasks.retry import is_transient
 
 
 def _record(**kw) -> lineage.LineageRecord:
@@ -215,9 +215,9 @@ def test_a_source_object_overwritten_after_listing_is_noticed(s3, tmp_path, pref
     """The ETags listed are checked again after reading in place: an object overwritten in
     between by another writer fails the run, however much of the listing this process has
     cached; and a later listing in the same process (a sweep) sees the new version."""
+    from ckptcore.api import check_unchanged
     from tasks.items import check_unchanged as check_items_unchanged
     from tasks.items import source_objects
-    from tasks.source import check_unchanged
 
     src = f"s3://ckpt-training/{prefix}/checkpoints"
     sample = sample_factory(s3, src, tp=2)
