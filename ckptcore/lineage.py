@@ -83,6 +83,11 @@ class Layout:
         """Flat JSON-ready fields (``notes`` a list)."""
         return {**asdict(self), "notes": list(self.notes)}
 
+    def record_fields(self) -> dict[str, Any]:
+        """The fields a :class:`LineageRecord` keeps flat under the same names (its notes
+        gather more than the plan's)."""
+        return {k: v for k, v in asdict(self).items() if k != "notes"}
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Layout:
         """The layout among ``data``'s keys (a manifest or report holds more)."""

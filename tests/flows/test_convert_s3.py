@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 
 import pytest
@@ -200,27 +201,16 @@ def test_rerun_after_a_failed_upload_resumes_from_the_cache(
         raise PermissionError("injected: access denied")  # permanent: no retry
 
     monkeypatch.setattr(tasks.publish, "put_atomically", broken)
-    first = convert_vit(
-        upload="after",
-        source_read=read,
-        source=src,
-        destination=dest,
-        target_tp=1,
-        return_state=True,
+    run = functools.partial(
+        convert_vit, source=src, destination=dest, target_tp=1, return_state=True
     )
+    first = run(upload="after", source_read=read)
     assert first.is_failed()
     assert calls["n"] == 1  # PermissionError is not transient: tried once
     assert not s3.exists(dest.removeprefix("s3://"))
 
     monkeypatch.setattr(tasks.publish, "put_atomically", real)
-    second = convert_vit(
-        upload="after",
-        source_read=read,
-        source=src,
-        destination=dest,
-        target_tp=1,
-        return_state=True,
-    )
+    second = run(upload="after", source_read=read)
     assert second.is_completed(), second
     states = asyncio.run(_task_runs(str(second.state_details.flow_run_id)))
     if read == "download":
