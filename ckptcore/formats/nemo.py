@@ -272,6 +272,76 @@ def default_mtime() -> int:
     return FIXED_MTIME if epoch is None else epoch
 
 
+@dataclass(frozen=True)
+class Placement:
+    """One member's place in an archive: its tar header at ``offset``, then ``size`` data
+    bytes, then zeros to the next 512-byte block."""
+
+    name: str  # the member name in the archive ("./tp_rank_00_pp_rank_000/model_weights.ckpt")
+    rel: str | None  # the file's key in ``files``; None for a folder
+    offset: int
+    header: bytes
+    size: int
+
+    @property
+    def data_offset(self) -> int:
+        return self.offset + len(self.header)
+
+    @property
+    def end(self) -> int:
+        return self.data_offset + self.size + (-self.size) % tarfile.BLOCKSIZE
+
+
+def archive_layout(sizes: dict[str, int], mtime: int | None = None) -> tuple[list[Placement], int]:
+    """Where every member of the archive :func:`write_nemo` writes for files of these sizes
+    lies, and the archive's total size (its end blocks included): the sizes alone fix every
+    byte's place, so members can be written independently, by different processes, into a
+    file of that size (:func:`write_member_at`), and the result is the same archive."""
+    mtime = default_mtime() if mtime is None else mtime
+    placements, offset = [], 0
+    for name, rel in nemo_members(sizes):
+        size = 0 if rel is None else sizes[rel]
+        header = _tar_info(name, size, rel is None, mtime).tobuf(
+            tarfile.PAX_FORMAT, "utf-8", "surrogateescape"
+        )
+        placement = Placement(name, rel, offset, header, size)
+        placements.append(placement)
+        offset = placement.end
+    end = 2 * tarfile.BLOCKSIZE
+    end += (-(offset + end)) % tarfile.RECORDSIZE
+    return placements, offset + end
+
+
+def write_member_at(fd: int, placement: Placement, data: MemberData) -> None:
+    """Write one member (header and data) at its place in the archive open as ``fd``, a file
+    already of the archive's size (zeros where nothing is written yet: the padding and the
+    end blocks need no writing)."""
+    position = placement.offset
+
+    def emit(chunk: bytes | memoryview) -> None:
+        nonlocal position
+        view = memoryview(chunk)
+        while view:
+            n = os.pwrite(fd, view, position)
+            position += n
+            view = view[n:]
+
+    emit(placement.header)
+    if isinstance(data, bytes):
+        emit(data)
+    elif isinstance(data, MemberSource):
+        data.write(emit)
+    else:
+        with open(data, "rb") as f:
+            while block := f.read(8 << 20):
+                emit(block)
+    if position - placement.data_offset != placement.size:
+        raise CkptError(
+            placement.name,
+            f"member produced {position - placement.data_offset} bytes, expected {placement.size}",
+        )
+
+
 def write_nemo(out, files: dict[str, MemberData], mtime: int | None = None) -> int:
     """Write the archive sequentially to ``out`` (a binary file object or a sink callable).
 
@@ -299,16 +369,12 @@ def write_nemo(out, files: dict[str, MemberData], mtime: int | None = None) -> i
     if hasattr(sink, "reserve"):  # a file: a member's disk blocks are allocated up front
         emit.reserve = sink.reserve  # type: ignore[attr-defined]
 
-    for name, rel in nemo_members(files):
-        data = None if rel is None else files[rel]
-        size = 0 if data is None else _size_of(data)
-        emit(
-            _tar_info(name, size, data is None, mtime).tobuf(
-                tarfile.PAX_FORMAT, "utf-8", "surrogateescape"
-            )
-        )
-        if data is None:
+    placements, total = archive_layout({rel: _size_of(d) for rel, d in files.items()}, mtime)
+    for placement in placements:
+        emit(placement.header)
+        if placement.rel is None:
             continue
+        data, size = files[placement.rel], placement.size
         before = written
         if isinstance(data, bytes):
             emit(data)
@@ -319,13 +385,13 @@ def write_nemo(out, files: dict[str, MemberData], mtime: int | None = None) -> i
                 while block := f.read(8 << 20):
                     emit(block)
         if written - before != size:
-            raise CkptError(name, f"member produced {written - before} bytes, expected {size}")
+            raise CkptError(
+                placement.name, f"member produced {written - before} bytes, expected {size}"
+            )
         pad = (-size) % tarfile.BLOCKSIZE
         if pad:
             emit(b"\0" * pad)
-    end = 2 * tarfile.BLOCKSIZE
-    end += (-(written + end)) % tarfile.RECORDSIZE
-    emit(b"\0" * end)
+    emit(b"\0" * (total - written))
     return written
 
 
