@@ -40,7 +40,6 @@ def test_dask_local_cluster_output_equals_the_one_process_run(
     sample_factory(s3, src, tp=2)
     monkeypatch.setenv("CKPT_SCRATCH_URL", f"s3://ckpt-scratch/{prefix}")
     monkeypatch.setenv("CKPT_RUNNER_WORKERS", "2")
-    monkeypatch.delenv("CKPT_RUNNER", raising=False)
     assert local_cluster_kwargs(settings.runner_workers()) == TWO_PROCESSES
     layout = {"target_tp": 2, "target_pp": 2}  # 4 work items (tiny ViT: 2 layers)
 
