@@ -31,7 +31,13 @@ from ckptcore.engine import iter_file, tensor_bits
 from ckptcore.errors import CkptError, write_error
 from ckptcore.follow import FollowingDigest
 from ckptcore.formats import nemo as nemo_fmt
-from ckptcore.formats.nemo import CONFIG_NAME, MemberData, MemberSource, dump_config
+from ckptcore.formats.nemo import (
+    CONFIG_NAME,
+    MemberData,
+    MemberSource,
+    archive_layout,
+    dump_config,
+)
 from ckptcore.formats.ptl import find_checkpoint, scan_folder
 from ckptcore.layout import parse_rank_folder
 from ckptcore.lineage import Layout
@@ -80,7 +86,13 @@ from ckptcore.storage import (
     join,
     local_path,
 )
-from ckptcore.workplan import WorkItem, estimate, work_items, write_work_item
+from ckptcore.workplan import (
+    WorkItem,
+    estimate,
+    work_items,
+    write_work_item,
+    write_work_item_in_place,
+)
 
 __all__ = [
     # whole operations
@@ -96,7 +108,7 @@ __all__ = [
     "is_local", "is_s3", "join", "load_state_dict", "local_path", "lock_file", "member_at",
     "nemo_members", "open_checkpoint", "package_nemo", "parse_rank_folder", "part_size_for",
     "put_bytes", "put_file", "scan_folder", "work_items", "write_nemo_file", "write_rank_files",
-    "write_work_item",
+    "write_work_item", "write_work_item_in_place", "archive_layout",
 ]  # fmt: skip
 
 

@@ -3,16 +3,19 @@
 ``work_items(ck, plan)`` gives, per target rank file, the exact source byte ranges it reads (file,
 offset, length; merged where adjacent) and the size of the file it writes: JSON-serialisable, so a
 scheduler can hand items to different machines. :func:`write_item` carries one out where it
-runs: it opens the source itself and streams its one rank file to a URL. ``estimate`` turns items
+runs: it opens the source itself and streams its one rank file to a URL;
+:func:`write_work_item_in_place` writes it straight to its place in the final archive. ``estimate`` turns items
 into an expected wall time for N workers of a given bandwidth (greedy longest-first assignment).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
 
 from ckptcore.engine import file_layout, planned_reads, write_file, write_rank
 from ckptcore.errors import CkptError
+from ckptcore.formats.nemo import MemberSource, Placement, write_member_at
 from ckptcore.plan import FilePlan, Plan
 from ckptcore.sources import Checkpoint, open_checkpoint
 from ckptcore.storage import RangeCache, get_fs, is_local, local_path
@@ -128,3 +131,33 @@ def write_work_item(
                 out.closed = True
             raise
     return size, False
+
+
+def write_work_item_in_place(
+    source: str,
+    checkpoint: str,
+    fp: FilePlan,
+    archive: str,
+    placement: Placement,
+    *,
+    cache: RangeCache | str | None = None,
+) -> int:
+    """The target rank file ``fp`` streamed from ``source`` straight to its place in the
+    archive ``archive`` (a local or shared-folder file already of the archive's size, laid out
+    by :func:`ckptcore.formats.nemo.archive_layout`): header and data at ``placement``, no
+    staged copy. Returns the bytes written. Items writing their members this way, in any
+    order, on any machine that sees the file, give the archive one pass would write."""
+    layout = file_layout(fp)
+    if placement.size != layout.size or placement.rel != fp.path:
+        raise CkptError(archive, f"{placement.name} is not laid out for {fp.path}")
+    with open_checkpoint(source, checkpoint, cache=cache) as ck:
+        member = MemberSource(
+            layout.size,
+            lambda sink: write_rank(ck, fp, sink, layout, allow_nonfinite=False),
+        )
+        fd = os.open(local_path(archive), os.O_RDWR)
+        try:
+            write_member_at(fd, placement, member)
+        finally:
+            os.close(fd)
+    return len(placement.header) + layout.size
