@@ -352,11 +352,10 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_orphaned_stages(root: str | None = None) -> list[str]:
-    """Remove the staging folders and files under ``root`` (the system's temporary folder)
-    whose process is gone (killed mid-write: its ``finally`` never ran); the paths removed. Each
-    is named ``ckpt-stage-<pid>-...`` by the process that made it; a live (or reused) pid keeps
-    it."""
+def remove_orphaned_stages(root: str | None = None, prefix: str = STAGE_PREFIX) -> list[str]:
+    """Remove the folders and files ``<prefix><pid>-...`` under ``root`` (default: the system's
+    temporary folder and the staging prefix) whose process is gone (killed mid-write: its
+    ``finally`` never ran); the paths removed. A live (or reused) pid keeps its own."""
     root = root or tempfile.gettempdir()
     removed = []
     try:
@@ -364,7 +363,7 @@ def remove_orphaned_stages(root: str | None = None) -> list[str]:
     except OSError:
         return removed
     for name in names:
-        match = re.match(rf"^{STAGE_PREFIX}(\d+)-", name)
+        match = re.match(rf"^{re.escape(prefix)}(\d+)-", name)
         if match and not _alive(int(match.group(1))):
             path = os.path.join(root, name)
             if os.path.isdir(path) and not os.path.islink(path):
@@ -376,13 +375,22 @@ def remove_orphaned_stages(root: str | None = None) -> list[str]:
     return removed
 
 
+def process_folder(root: str | None = None, kind: str = STAGE_PREFIX.rstrip("-")) -> str:
+    """A new folder ``<root>/<kind>-<pid>-<random>`` named by this process (``root``: the
+    system's temporary folder); the folders of that kind whose process is gone (a run killed
+    before its clean-up) are removed first."""
+    root = root or tempfile.gettempdir()
+    remove_orphaned_stages(root, f"{kind}-")
+    os.makedirs(root, exist_ok=True)
+    return tempfile.mkdtemp(prefix=f"{kind}-{os.getpid()}-", dir=root)
+
+
 @contextlib.contextmanager
 def staging_folder() -> Iterator[str]:
     """A temporary folder for rank files written in parallel (``ckpt-stage-<pid>-<random>``
     in the system's temporary folder), removed afterwards; the folders killed runs left there
     are removed first."""
-    remove_orphaned_stages()
-    path = tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{os.getpid()}-")
+    path = process_folder()
     try:
         yield path
     finally:

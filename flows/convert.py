@@ -34,8 +34,9 @@ from tasks import settings
 from tasks.convert import verifier_for_run, verify_output
 from tasks.handoff import handed_off
 from tasks.leases import run_holds
-from tasks.publish import check_destination, clean_work, one_writer, publish, report_lineage
+from tasks.publish import check_destination, clean_work, publish, report_lineage
 from tasks.source import default_destination, hold_source_folders, list_source
+from tasks.writers import one_writer
 
 Repartition = Literal["auto", "inline", "deployment"]
 Upload = Literal["stream", "after"]

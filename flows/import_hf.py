@@ -12,8 +12,9 @@ from tasks.community import import_community, verify_import
 from tasks.convert import package
 from tasks.leases import hold, run_holds
 from tasks.lineage import finish_lineage, start_lineage
-from tasks.publish import check_destination, clean_work, one_writer, report_lineage, upload_task
+from tasks.publish import check_destination, clean_work, report_lineage, upload_task
 from tasks.source import fetch, fetch_location, fetched_is_present, list_source
+from tasks.writers import one_writer
 
 
 @flow(name="import-hf")

@@ -6,11 +6,11 @@ from __future__ import annotations
 import os
 import tarfile
 import time
-import uuid
 from dataclasses import replace
 
 from prefect import task
 
+from ckptcore.api import process_folder
 from tasks import settings
 from tasks.convert import Packaged, Partition, Verified, verified
 from tasks.progress import Progress
@@ -42,7 +42,7 @@ def import_to_partition(
     """``import_hf`` into the work folder; its members become a partition to package."""
     from ckptcore.community.api import import_hf
 
-    out = os.path.join(work_dir, f"import-{uuid.uuid4().hex[:12]}")
+    out = process_folder(work_dir, "import")  # a killed run's is removed by the next
     nemo = os.path.join(out, "imported.nemo")
     os.makedirs(out, exist_ok=True)
     progress = Progress(f"import {fetched.source}", sum(f.size_bytes for f in fetched.files))

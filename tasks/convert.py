@@ -31,6 +31,7 @@ from ckptcore.api import (
     open_checkpoint,
     package_nemo,
     plan_conversion,
+    process_folder,
     put_file,
     staging_folder,
     write_rank_files,
@@ -264,7 +265,7 @@ def package(
     partition: Partition, record: lineage.LineageRecord, work_dir: str, name: str
 ) -> Packaged:
     """Tar the partition and the lineage member into ``<work_dir>/package-<id>/<name>``."""
-    out = os.path.join(work_dir, f"package-{uuid.uuid4().hex[:12]}", name)
+    out = os.path.join(process_folder(work_dir, "package"), name)
     return package_partition(partition, record, out)
 
 

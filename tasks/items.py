@@ -20,7 +20,6 @@ import socket
 import sys
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 
 from prefect import task
@@ -36,6 +35,7 @@ from ckptcore.api import (
     join,
     member_at,
     package_nemo,
+    process_folder,
     put_bytes,
     write_work_item,
 )
@@ -292,7 +292,7 @@ def package_staged(
 ) -> Packaged:
     """Tar the staged items, ``model_config.yaml`` and the lineage member into
     ``<work_dir>/package-<id>/<name>``."""
-    out = os.path.join(work_dir, f"package-{uuid.uuid4().hex[:12]}", name)
+    out = os.path.join(process_folder(work_dir, "package"), name)
     return package_staged_partition(partition, record, out)
 
 

@@ -8,13 +8,12 @@ one is a leftover of an interrupted run and is removed when the upload task fina
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -22,11 +21,7 @@ from typing import Any
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.assets import Asset, AssetProperties, add_asset_metadata, materialize
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-from prefect.concurrency.sync import concurrency
 from prefect.context import AssetContext
-from prefect.exceptions import ObjectAlreadyExists
 from prefect.logging import get_logger, get_run_logger
 from prefect.tasks import MaterializingTask
 
@@ -115,40 +110,6 @@ def read_lineage(destination: str) -> lineage.LineageRecord | None:
 
 
 # ------------------------------------------------------------------------------ tasks
-
-
-WRITER_LIMIT_PREFIX = "ckpt-destination-"
-
-
-def writer_limit_name(destination: str) -> str:
-    """The Prefect global concurrency limit of one destination (named by its URL's digest)."""
-    return WRITER_LIMIT_PREFIX + hashlib.sha256(destination.encode()).hexdigest()[:24]
-
-
-@contextlib.contextmanager
-def one_writer(destination: str) -> Iterator[str]:
-    """Hold the destination's slot: a Prefect global concurrency limit of 1 named by the
-    destination (created on first use), so a second run for the same destination waits here
-    until this one ends, then finds the destination as the first left it. After
-    ``CKPT_DESTINATION_WAIT`` seconds (unset: no limit) it stops, saying why. Yields the
-    limit's name."""
-    name = writer_limit_name(destination)
-    with get_client(sync_client=True) as client:
-        try:
-            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
-        except ObjectAlreadyExists:
-            pass
-    wait = settings.current().destination_wait or None
-    with contextlib.ExitStack() as held:
-        try:
-            held.enter_context(concurrency(name, occupy=1, timeout_seconds=wait, strict=True))
-        except TimeoutError:
-            raise CkptError(
-                destination,
-                f"another run has been writing this destination for {wait:g} s (Prefect "
-                f"concurrency limit {name}); nothing was done, run again once it is over",
-            ) from None
-        yield name
 
 
 @task(

@@ -79,6 +79,12 @@ class PipelineSettings(BaseSettings):
         ge=0,
         description="seconds a run waits for another run writing its destination (0: no limit)",
     )
+    destination_lease_seconds: float = Field(
+        60.0,
+        ge=60,
+        description="a run renews its hold on its destination this often; a killed run's "
+        "hold lapses after it (Prefect's minimum: 60)",
+    )
     keep_work: bool = Field(
         False, description="keep a run's work files (to inspect a run, or reuse caches)"
     )

@@ -38,6 +38,7 @@ from ckptcore.api import (
     open_checkpoint,
     part_size_for,
     plan_conversion,
+    process_folder,
     write_nemo_file,
 )
 from tasks import settings
@@ -90,8 +91,7 @@ def write_nemo(
     """Repartition into the ``.nemo`` (lineage member included) in one pass, uploading it to an
     ``s3://`` destination as it is written; the upload is completed later by ``upload``."""
     start = time.perf_counter()
-    out_dir = os.path.join(work_dir, f"package-{uuid.uuid4().hex[:12]}")
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = process_folder(work_dir, "package")  # a killed run's is removed by the next
     out_path = os.path.join(out_dir, destination.rsplit("/", 1)[-1])
     with open_checkpoint(fetched.open_url, cache=fetched.cache_dir) as ck:
         plan = plan_conversion(ck, target_tp, target_pp, precision)

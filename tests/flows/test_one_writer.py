@@ -12,7 +12,7 @@ from prefect.client.orchestration import get_client
 
 import flows.convert
 from flows.convert import convert_vit
-from tasks.publish import one_writer, writer_limit_name
+from tasks.writers import one_writer, writer_limit_name
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 

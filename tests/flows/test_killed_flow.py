@@ -1,0 +1,79 @@
+"""A ``convert`` run SIGKILLed mid-upload, then a rerun: no incomplete multipart upload and no
+work files are left, and the ``.nemo`` equals an uninterrupted run's (``lineage.json`` aside).
+
+The killed run's hold on its destination (a Prefect concurrency lease) lapses by itself; the
+rerun waits for that, aborts the upload the killed run left, and removes its package folder.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from flow_helpers import assert_same_archive
+
+from flows.convert import convert_vit
+
+REPO = Path(__file__).resolve().parents[2]
+PART = 5 << 20
+
+
+def _uploads(s3, key: str) -> list[dict]:
+    reply = s3.call_s3("list_multipart_uploads", Bucket="ckpt-models", Prefix=key)
+    return [u for u in reply.get("Uploads", []) if u["Key"] == key]
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_a_run_killed_mid_upload_then_a_rerun(s3, work_dir, prefix, sample_factory, monkeypatch):
+    from prefect.settings import PREFECT_API_URL
+
+    monkeypatch.setenv("CKPT_UPLOAD_CHUNK_BYTES", str(PART))
+    monkeypatch.setenv("CKPT_DESTINATION_WAIT", "240")  # fail, not hang, if the hold stayed
+    src = f"s3://ckpt-training/{prefix}/checkpoints"
+    sample_factory(s3, src, tp=2, hidden=512, layers=4, heads=8, ffn=2048, img=64, patch=8)
+    key = f"{prefix}/vit.nemo"
+    dest = f"s3://ckpt-models/{key}"
+    ref = f"s3://ckpt-models/{prefix}/ref.nemo"
+    convert_vit(source=src, destination=ref, target_tp=1)
+    os.makedirs(work_dir, exist_ok=True)
+    assert os.listdir(work_dir) == []
+
+    code = (
+        "import sys\n"
+        "from flows.convert import convert_vit\n"
+        "convert_vit(source=sys.argv[1], destination=sys.argv[2], target_tp=1)\n"
+    )
+    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, src, dest],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 180
+    sent = False
+    while time.monotonic() < deadline and proc.poll() is None and not sent:
+        for upload in _uploads(s3, key):
+            parts = s3.call_s3(
+                "list_parts", Bucket="ckpt-models", Key=key, UploadId=upload["UploadId"]
+            )
+            sent = bool(parts.get("Parts"))
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL and sent, "the run was not caught mid-upload"
+    assert _uploads(s3, key) and not s3.exists(f"ckpt-models/{key}")  # what the killed run left
+    assert any(n.startswith("package-") for n in os.listdir(work_dir))
+
+    state = convert_vit(source=src, destination=dest, target_tp=1, return_state=True)
+    assert state.is_completed(), state
+    assert _uploads(s3, key) == []
+    assert os.listdir(work_dir) == []
+    assert_same_archive(
+        s3.cat_file(ref.removeprefix("s3://")), s3.cat_file(dest.removeprefix("s3://"))
+    )
