@@ -1,5 +1,5 @@
 """One writer per destination: runs for the same destination take turns on a Prefect global
-concurrency limit named by the destination (``tasks.publish.one_writer``)."""
+concurrency limit named by the destination (``tasks.writers.one_writer``)."""
 
 from __future__ import annotations
 
