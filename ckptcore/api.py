@@ -71,6 +71,7 @@ from ckptcore.output import (
     abort_incomplete_uploads,
     check_destination,
     lock_file,
+    process_alive,
     process_folder,
     put_bytes,
     put_file,
@@ -101,7 +102,7 @@ __all__ = [
     "restore_model", "same_weights", "sample_images", "save_model", "verify", "write_converted",
     # the pipeline's steps (the module docstring lists them by step)
     "CONFIG_NAME", "Checkpoint", "abort_incomplete_uploads", "staging_folder",
-    "process_folder",
+    "process_folder", "process_alive",
     "FetchedCheckpoint", "ListedFile", "SourceListing", "cache_location", "changed_since_listed",
     "check_unchanged", "default_destination", "describe_source", "fetch_checkpoint",
     "fetch_location", "fetched_is_present", "locate_checkpoint", "split_checkpoint_url", "FilePlan", "FollowingDigest", "FollowingUpload", "MemberData",

@@ -342,7 +342,8 @@ def abort_incomplete_uploads(url: str) -> list[str]:
 STAGE_PREFIX = "ckpt-stage-"
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Is process ``pid`` running on this machine (another user's counts)?"""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -364,7 +365,7 @@ def remove_orphaned_stages(root: str | None = None, prefix: str = STAGE_PREFIX) 
         return removed
     for name in names:
         match = re.match(rf"^{re.escape(prefix)}(\d+)-", name)
-        if match and not _alive(int(match.group(1))):
+        if match and not process_alive(int(match.group(1))):
             path = os.path.join(root, name)
             if os.path.isdir(path) and not os.path.islink(path):
                 shutil.rmtree(path, ignore_errors=True)

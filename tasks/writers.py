@@ -26,6 +26,7 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.logging import get_logger
 
+from ckptcore.api import process_alive
 from ckptcore.errors import CkptError
 from tasks import settings
 
@@ -46,16 +47,6 @@ def _record_path(name: str) -> str:
     return os.path.join(folder, f"{name}.json")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _release_if_holder_gone(client, name: str) -> None:
     """A holder on this machine whose process is gone (killed): release its lease."""
     path = _record_path(name)
@@ -64,7 +55,7 @@ def _release_if_holder_gone(client, name: str) -> None:
             record = json.load(f)
     except (OSError, ValueError):
         return
-    if _alive(int(record.get("pid", 0))):
+    if process_alive(int(record.get("pid", 0))):
         return
     with contextlib.suppress(httpx.HTTPStatusError, ObjectNotFound):
         client.release_concurrency_slots_with_lease(UUID(record["lease_id"]))

@@ -312,6 +312,18 @@ def archive_layout(sizes: dict[str, int], mtime: int | None = None) -> tuple[lis
     return placements, offset + end
 
 
+def _emit_data(emit: Callable[[bytes | memoryview], object], data: MemberData) -> None:
+    """A member's data to ``emit``: the bytes, the producer's output, or the file's content."""
+    if isinstance(data, bytes):
+        emit(data)
+    elif isinstance(data, MemberSource):
+        data.write(emit)
+    else:
+        with open(data, "rb") as f:
+            while block := f.read(8 << 20):
+                emit(block)
+
+
 def write_member_at(fd: int, placement: Placement, data: MemberData) -> None:
     """Write one member (header and data) at its place in the archive open as ``fd``, a file
     already of the archive's size (zeros where nothing is written yet: the padding and the
@@ -327,14 +339,7 @@ def write_member_at(fd: int, placement: Placement, data: MemberData) -> None:
             view = view[n:]
 
     emit(placement.header)
-    if isinstance(data, bytes):
-        emit(data)
-    elif isinstance(data, MemberSource):
-        data.write(emit)
-    else:
-        with open(data, "rb") as f:
-            while block := f.read(8 << 20):
-                emit(block)
+    _emit_data(emit, data)
     if position - placement.data_offset != placement.size:
         raise CkptError(
             placement.name,
@@ -376,14 +381,7 @@ def write_nemo(out, files: dict[str, MemberData], mtime: int | None = None) -> i
             continue
         data, size = files[placement.rel], placement.size
         before = written
-        if isinstance(data, bytes):
-            emit(data)
-        elif isinstance(data, MemberSource):
-            data.write(emit)
-        else:
-            with open(data, "rb") as f:
-                while block := f.read(8 << 20):
-                    emit(block)
+        _emit_data(emit, data)
         if written - before != size:
             raise CkptError(
                 placement.name, f"member produced {written - before} bytes, expected {size}"
