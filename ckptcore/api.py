@@ -101,17 +101,17 @@ __all__ = [
     "ConvertReport", "VerifyReport", "convert", "describe_dtype", "inspect", "plan_conversion",
     "restore_model", "same_weights", "sample_images", "save_model", "verify", "write_converted",
     # the pipeline's steps (the module docstring lists them by step)
-    "CONFIG_NAME", "Checkpoint", "abort_incomplete_uploads", "staging_folder",
-    "process_folder", "process_alive",
-    "FetchedCheckpoint", "ListedFile", "SourceListing", "cache_location", "changed_since_listed",
-    "check_unchanged", "default_destination", "describe_source", "fetch_checkpoint",
-    "fetch_location", "fetched_is_present", "locate_checkpoint", "split_checkpoint_url", "FilePlan", "FollowingDigest", "FollowingUpload", "MemberData",
-    "MemberSource", "Plan", "Progress", "RangeCache", "WorkItem", "check_destination",
-    "dump_config", "estimate", "etag_of", "find_checkpoint", "forget_listings", "get_fs",
-    "is_local", "is_s3", "join", "load_state_dict", "local_path", "lock_file", "member_at",
-    "nemo_members", "open_checkpoint", "package_nemo", "parse_rank_folder", "part_size_for",
-    "put_bytes", "put_file", "scan_folder", "work_items", "write_nemo_file", "write_rank_files",
-    "write_work_item", "write_work_item_in_place", "archive_layout",
+    "abort_incomplete_uploads", "archive_layout", "cache_location", "changed_since_listed",
+    "check_destination", "check_unchanged", "Checkpoint", "CONFIG_NAME", "default_destination",
+    "describe_source", "dump_config", "estimate", "etag_of", "fetch_checkpoint", "fetch_location",
+    "fetched_is_present", "FetchedCheckpoint", "FilePlan", "find_checkpoint", "FollowingDigest",
+    "FollowingUpload", "forget_listings", "get_fs", "is_local", "is_s3", "join", "ListedFile",
+    "load_state_dict", "local_path", "locate_checkpoint", "lock_file", "member_at", "MemberData",
+    "MemberSource", "nemo_members", "open_checkpoint", "package_nemo", "parse_rank_folder",
+    "part_size_for", "Plan", "process_alive", "process_folder", "Progress", "put_bytes", "put_file",
+    "RangeCache", "scan_folder", "SourceListing", "split_checkpoint_url", "staging_folder",
+    "work_items", "WorkItem", "write_nemo_file", "write_rank_files", "write_work_item",
+    "write_work_item_in_place",
 ]  # fmt: skip
 
 

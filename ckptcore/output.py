@@ -311,10 +311,11 @@ def abort_incomplete_uploads(url: str) -> list[str]:
         return []
     fs, path = get_fs(url)
     bucket, key, _ = fs.split_path(path)
-    aborted = []
+    aborted: list[str] = []
+    page: dict[str, str] = {}
     try:
-        reply = fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=key)
         while True:
+            reply = fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=key, **page)
             for upload in reply.get("Uploads", []):
                 if upload.get("Key") == key:
                     fs.call_s3(
@@ -326,13 +327,10 @@ def abort_incomplete_uploads(url: str) -> list[str]:
                     aborted.append(upload["UploadId"])
             if not reply.get("IsTruncated"):
                 return aborted
-            reply = fs.call_s3(
-                "list_multipart_uploads",
-                Bucket=bucket,
-                Prefix=key,
-                KeyMarker=reply.get("NextKeyMarker", ""),
-                UploadIdMarker=reply.get("NextUploadIdMarker", ""),
-            )
+            page = {
+                "KeyMarker": reply.get("NextKeyMarker", ""),
+                "UploadIdMarker": reply.get("NextUploadIdMarker", ""),
+            }
     except (CkptError, StorageError):
         raise
     except Exception as exc:

@@ -2,15 +2,17 @@
 
 ``work_items(ck, plan)`` gives, per target rank file, the exact source byte ranges it reads (file,
 offset, length; merged where adjacent) and the size of the file it writes: JSON-serialisable, so a
-scheduler can hand items to different machines. :func:`write_item` carries one out where it
-runs: it opens the source itself and streams its one rank file to a URL;
-:func:`write_work_item_in_place` writes it straight to its place in the final archive. ``estimate`` turns items
-into an expected wall time for N workers of a given bandwidth (greedy longest-first assignment).
+scheduler can hand items to different machines. :func:`write_work_item` carries one out where
+it runs: it opens the source itself and streams its one rank file to a URL;
+:func:`write_work_item_in_place` writes it straight to its place in the final archive.
+``estimate`` turns items into an expected wall time for N workers of a given bandwidth (greedy
+longest-first assignment).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from ckptcore.engine import file_layout, planned_reads, write_file, write_rank
@@ -101,15 +103,20 @@ def write_work_item(
     *,
     cache: RangeCache | str | None = None,
     part_bytes: int = 64 << 20,
+    before_writing: Callable[[], None] | None = None,
 ) -> tuple[int, bool]:
     """The target rank file ``fp`` streamed from ``source`` (opened here, read by ranges) to
     ``url``; ``(size, resumed)``, ``resumed`` when a complete file of the planned size was
     there already. Nothing is at ``url`` unless complete: an object store's multipart upload
     (``part_bytes`` parts) completes or is aborted; a local file is renamed into place (its URL
-    must end with the member path). Memory stays near the largest tensor slice it handles."""
-    size = file_layout(fp).size
+    must end with the member path). ``before_writing`` runs only when the file is to be written
+    (a check of the source, say). Memory stays near the largest tensor slice it handles."""
+    layout = file_layout(fp)
+    size = layout.size
     if _complete_at(url, size):
         return size, True
+    if before_writing is not None:
+        before_writing()
     with open_checkpoint(source, checkpoint, cache=cache) as ck:
         if is_local(url):
             path = local_path(url)
@@ -120,7 +127,7 @@ def write_work_item(
         fs, path = get_fs(url)
         out = fs.open(path, "wb", block_size=part_bytes)
         try:
-            written = write_rank(ck, fp, out.write, file_layout(fp), allow_nonfinite=False)
+            written = write_rank(ck, fp, out.write, layout, allow_nonfinite=False)
             if written != size:
                 raise CkptError(url, f"wrote {written} bytes, the plan says {size}")
             out.close()

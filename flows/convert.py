@@ -29,13 +29,14 @@ from typing import Literal
 from prefect import flow
 from prefect.transactions import transaction
 
+from ckptcore.api import default_destination
 from flows.routes import ConvertJob
 from tasks import settings
 from tasks.convert import verifier_for_run, verify_output
 from tasks.handoff import handed_off
 from tasks.leases import run_holds
 from tasks.publish import check_destination, clean_work, publish, report_lineage
-from tasks.source import default_destination, hold_source_folders, list_source
+from tasks.source import hold_source_folders, list_source
 from tasks.writers import one_writer
 
 Repartition = Literal["auto", "inline", "deployment"]

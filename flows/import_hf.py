@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from prefect import flow
 
+from ckptcore.api import fetch_location, fetched_is_present
 from ckptcore.errors import CkptError
 from tasks import settings
 from tasks.cache import run_cached
@@ -13,7 +14,7 @@ from tasks.convert import package
 from tasks.leases import hold, run_holds
 from tasks.lineage import finish_lineage, start_lineage
 from tasks.publish import check_destination, clean_work, report_lineage, upload_task
-from tasks.source import fetch, fetch_location, fetched_is_present, list_source
+from tasks.source import fetch, list_source
 from tasks.writers import one_writer
 
 

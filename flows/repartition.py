@@ -15,19 +15,13 @@ from typing import Literal
 
 from prefect import flow
 
+from ckptcore.api import cache_location, fetch_location
 from tasks import settings
 from tasks.cache import run_cached
 from tasks.convert import partition_is_present, repartition
 from tasks.leases import run_holds
 from tasks.publish import clean_work
-from tasks.source import (
-    cache_location,
-    fetch_location,
-    hold_source_folders,
-    list_source,
-    require_digest,
-    source_for_reading,
-)
+from tasks.source import hold_source_folders, list_source, require_digest, source_for_reading
 
 
 @flow(name="repartition")

@@ -15,9 +15,12 @@ from prefect.logging import get_run_logger
 
 from ckptcore.api import (
     CONFIG_NAME,
+    SourceListing,
+    cache_location,
     dump_config,
     is_local,
     join,
+    locate_checkpoint,
     open_checkpoint,
     plan_conversion,
     work_items,
@@ -35,7 +38,6 @@ from tasks.items import (
     write_item,
 )
 from tasks.leases import hold
-from tasks.source import SourceListing, cache_location, locate_checkpoint
 
 
 @flow(name="repartition-items", validate_parameters=False)

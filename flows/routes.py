@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 
 from prefect import runtime
 
-from ckptcore.api import is_local, is_s3
+from ckptcore.api import SourceListing, cache_location, fetch_location, is_local, is_s3
 from ckptcore.errors import CkptError
 from flows.repartition_items import run_mapped
 from tasks import settings
@@ -26,12 +26,7 @@ from tasks.items import package_staged, parse_runner
 from tasks.leases import hold
 from tasks.lineage import start_lineage
 from tasks.publish import Built
-from tasks.source import (
-    SourceListing,
-    cache_location,
-    fetch_location,
-    source_for_reading,
-)
+from tasks.source import source_for_reading
 from tasks.stream import write_nemo
 
 

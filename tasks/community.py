@@ -10,11 +10,10 @@ from dataclasses import replace
 
 from prefect import task
 
-from ckptcore.api import process_folder
+from ckptcore.api import FetchedCheckpoint, process_folder
 from tasks import settings
 from tasks.convert import Packaged, Partition, Verified, verified
 from tasks.progress import Progress
-from tasks.source import FetchedCheckpoint
 
 
 def extract_nemo(path: str, folder: str) -> dict[str, str]:

@@ -24,6 +24,8 @@ from prefect import get_run_logger, task
 
 from ckptcore import api, lineage
 from ckptcore.api import (
+    FetchedCheckpoint,
+    check_unchanged,
     get_fs,
     is_local,
     join,
@@ -43,7 +45,6 @@ from tasks.cache import ContentCache
 from tasks.leases import hold
 from tasks.progress import Progress
 from tasks.retry import storage_retries
-from tasks.source import FetchedCheckpoint, check_unchanged
 
 PARTITION_MANIFEST = "partition.json"
 

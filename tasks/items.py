@@ -30,8 +30,11 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from ckptcore import lineage
 from ckptcore.api import (
     CONFIG_NAME,
+    FetchedCheckpoint,
     FilePlan,
     Plan,
+    SourceListing,
+    changed_since_listed,
     join,
     member_at,
     package_nemo,
@@ -43,7 +46,6 @@ from ckptcore.errors import CkptError
 from tasks import settings
 from tasks.convert import PARTITION_MANIFEST, Packaged, Partition, keyed_folder
 from tasks.retry import storage_retries
-from tasks.source import FetchedCheckpoint, SourceListing, changed_since_listed
 
 # ------------------------------------------------------------------------------ runners
 
@@ -215,13 +217,18 @@ def write_item_file(
     read_bytes: int = 0,
     cache_dir: str | None = None,
 ) -> ItemResult:
-    """:func:`ckptcore.workplan.write_item` after checking the source is what the run listed,
-    with who ran it and how fast. ``cache_dir``: a range cache for what is read (items running
-    beside the flow's verify)."""
+    """:func:`ckptcore.api.write_work_item`, checking first that the source is what the run
+    listed (unless the item is found complete), with who ran it and how fast. ``cache_dir``: a
+    range cache for what is read (items running beside the flow's verify)."""
     start, started = time.perf_counter(), time.time()
-    check_unchanged(objects)
     size, resumed = write_work_item(
-        source, checkpoint, fp, url, cache=cache_dir, part_bytes=settings.upload_chunk_bytes()
+        source,
+        checkpoint,
+        fp,
+        url,
+        cache=cache_dir,
+        part_bytes=settings.upload_chunk_bytes(),
+        before_writing=lambda: check_unchanged(objects),
     )
     tensors = sum(1 for t in fp.tensors if t.spec is not None)
     return ItemResult(

@@ -25,7 +25,7 @@ import socket
 import threading
 from collections.abc import Iterator
 
-from ckptcore.api import is_local, local_path, lock_file
+from ckptcore.api import is_local, local_path, lock_file, process_alive
 
 HOLDERS = ".holders"
 _LOCK = ".lock"
@@ -93,14 +93,8 @@ def _alive(holder: dict[str, object], token: str) -> bool:
         with _HELD_LOCK:
             return bool(_HELD.get(token))
     pid = holder.get("pid")
-    if not isinstance(pid, int):
+    if not isinstance(pid, int) or not process_alive(pid):
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process: it exists
     return _start_time(pid) == holder.get("start")
 
 

@@ -9,9 +9,9 @@ from typing import Any
 from prefect import runtime
 
 from ckptcore import lineage
+from ckptcore.api import FetchedCheckpoint, SourceListing
 from tasks import settings
 from tasks.convert import Packaged, Partition, Verified
-from tasks.source import FetchedCheckpoint, SourceListing
 
 
 @dataclass(frozen=True)

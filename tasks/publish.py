@@ -26,7 +26,14 @@ from prefect.logging import get_logger, get_run_logger
 from prefect.tasks import MaterializingTask
 
 from ckptcore import lineage
-from ckptcore.api import abort_incomplete_uploads, get_fs, is_local, local_path, put_file
+from ckptcore.api import (
+    FetchedCheckpoint,
+    abort_incomplete_uploads,
+    get_fs,
+    is_local,
+    local_path,
+    put_file,
+)
 from ckptcore.api import check_destination as check_output
 from ckptcore.errors import CkptError
 from tasks import settings
@@ -35,7 +42,6 @@ from tasks.leases import release
 from tasks.lineage import finish_lineage
 from tasks.progress import Progress
 from tasks.retry import storage_retries
-from tasks.source import FetchedCheckpoint
 from tasks.stream import take_pending
 
 _ASSET_FORBIDDEN = set("\n\r\t\0 #?&%\"'<>[]{}|\\^`")

@@ -14,18 +14,13 @@ from prefect import task
 
 from ckptcore.api import (
     FetchedCheckpoint,
-    ListedFile,
     SourceListing,
     cache_location,
-    changed_since_listed,
-    check_unchanged,
-    default_destination,
     describe_source,
     fetch_checkpoint,
     fetch_location,
     fetched_is_present,
     locate_checkpoint,
-    split_checkpoint_url,
 )
 from ckptcore.errors import CkptError
 from tasks.cache import ContentCache, run_cached
@@ -93,11 +88,3 @@ def require_digest(fetched: FetchedCheckpoint, expected: str | None) -> None:
             fetched.source,
             f"source changed since it was listed: digest {fetched.digest[:12]}, expected {expected[:12]}",
         )
-
-
-__all__ = [  # the listing's records and steps, as the other tasks use them from here
-    "FetchedCheckpoint", "ListedFile", "SourceListing", "cache_location", "changed_since_listed",
-    "check_unchanged", "default_destination", "fetch", "fetch_location", "fetched_is_present",
-    "hold_source_folders", "list_source", "locate", "locate_checkpoint", "require_digest",
-    "source_for_reading", "split_checkpoint_url",
-]  # fmt: skip

@@ -30,9 +30,12 @@ from prefect.transactions import Transaction, get_transaction
 
 from ckptcore import lineage
 from ckptcore.api import (
+    FetchedCheckpoint,
     FollowingDigest,
     FollowingUpload,
     MemberSource,
+    SourceListing,
+    check_unchanged,
     is_s3,
     nemo_members,
     open_checkpoint,
@@ -46,7 +49,6 @@ from tasks.convert import Packaged
 from tasks.lineage import start_lineage
 from tasks.progress import Progress
 from tasks.retry import storage_retries
-from tasks.source import FetchedCheckpoint, SourceListing, check_unchanged
 
 PENDING_NAME = "pending_upload"  # the transaction value naming the upload
 _PENDING: dict[str, FollowingUpload] = {}

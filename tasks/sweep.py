@@ -8,10 +8,18 @@ from dataclasses import dataclass
 from prefect import task
 
 from ckptcore import lineage
-from ckptcore.api import get_fs, is_local, join, local_path, parse_rank_folder, scan_folder
+from ckptcore.api import (
+    SourceListing,
+    default_destination,
+    get_fs,
+    is_local,
+    join,
+    local_path,
+    parse_rank_folder,
+    scan_folder,
+)
 from ckptcore.errors import CkptError
 from tasks.retry import storage_retries
-from tasks.source import SourceListing, default_destination
 
 
 @dataclass(frozen=True)
