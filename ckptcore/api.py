@@ -11,6 +11,9 @@ module of ckptcore (besides the records in ``lineage``, ``errors`` and ``setting
 - plan: ``plan_conversion``, ``work_items``, ``estimate``
 - write: ``write_rank_files``, ``nemo_members``, ``write_work_item``, ``member_at``,
   ``package_nemo``, ``write_nemo_file``, ``FollowingDigest``
+- assemble in place (:mod:`ckptcore.assembly`): ``assembly_for``, ``begin_archive``,
+  ``write_piece``, ``write_tail``, ``commit_archive``, ``abort_archive``, ``rank_member``,
+  ``composite_crc32``
 - verify: ``verify``, ``same_weights``, ``sample_images`` (``verify_process`` runs it ahead of
   time in a child process)
 - publish: ``put_file``, ``put_bytes``, ``FollowingUpload``, ``check_destination``, ``lock_file``,
@@ -26,6 +29,20 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from ckptcore.assembly import (
+    ArchiveTarget,
+    Assembly,
+    Piece,
+    PieceResult,
+    Tail,
+    abort_archive,
+    assembly_for,
+    begin_archive,
+    commit_archive,
+    rank_member,
+    write_piece,
+    write_tail,
+)
 from ckptcore.dtypes import dtype_info, parse_precision
 from ckptcore.engine import iter_file, tensor_bits
 from ckptcore.errors import CkptError, write_error
@@ -57,7 +74,7 @@ from ckptcore.listing import (
     split_checkpoint_url,
 )
 from ckptcore.model.config import vit_dims, vit_options
-from ckptcore.multipart import FollowingUpload, is_s3, part_size_for
+from ckptcore.multipart import FollowingUpload, composite_crc32, is_s3, part_size_for
 from ckptcore.nemo_io import (
     Progress,
     load_state_dict,
@@ -93,7 +110,6 @@ from ckptcore.workplan import (
     estimate,
     work_items,
     write_work_item,
-    write_work_item_in_place,
 )
 
 __all__ = [
@@ -101,7 +117,9 @@ __all__ = [
     "ConvertReport", "VerifyReport", "convert", "describe_dtype", "inspect", "plan_conversion",
     "restore_model", "same_weights", "sample_images", "save_model", "verify", "write_converted",
     # the pipeline's steps (the module docstring lists them by step)
-    "abort_incomplete_uploads", "archive_layout", "cache_location", "changed_since_listed",
+    "abort_archive", "abort_incomplete_uploads", "ArchiveTarget", "archive_layout", "Assembly",
+    "assembly_for", "begin_archive", "commit_archive", "composite_crc32", "Piece", "PieceResult",
+    "rank_member", "Tail", "write_piece", "write_tail", "cache_location", "changed_since_listed",
     "check_destination", "check_unchanged", "Checkpoint", "CONFIG_NAME", "default_destination",
     "describe_source", "dump_config", "estimate", "etag_of", "fetch_checkpoint", "fetch_location",
     "fetched_is_present", "FetchedCheckpoint", "FilePlan", "find_checkpoint", "FollowingDigest",
@@ -111,7 +129,6 @@ __all__ = [
     "part_size_for", "Plan", "process_alive", "process_folder", "Progress", "put_bytes", "put_file",
     "RangeCache", "scan_folder", "SourceListing", "split_checkpoint_url", "staging_folder",
     "work_items", "WorkItem", "write_nemo_file", "write_rank_files", "write_work_item",
-    "write_work_item_in_place",
 ]  # fmt: skip
 
 

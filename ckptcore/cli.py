@@ -307,8 +307,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"  ... {len(items) - 32} more")
     total_r, total_w = sum(i.read_bytes for i in items), sum(i.write_bytes for i in items)
     print(f"total: reads {_human(total_r)}, writes {_human(total_w)}")
+    if estimates:
+        print(
+            f"wall time, each worker and the flow moving {gbps:g} GB/s: the items; end to end "
+            "with the archive written in place by the workers (the flow writes "
+            f"{_human(estimates[0]['flow_bytes'])}); end to end staged, packaged and uploaded "
+            "by the flow"
+        )
     for e in estimates:
-        print(f"  {e['workers']:>4} workers at {gbps:g} GB/s each: {e['seconds']:8.1f} s")
+        print(
+            f"  {e['workers']:>4} workers: items {e['seconds']:8.1f} s   in place "
+            f"{e['in_place_seconds']:8.1f} s   staged {e['staged_seconds']:8.1f} s"
+        )
     return 0
 
 

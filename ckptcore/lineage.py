@@ -23,10 +23,11 @@ from importlib import metadata as importlib_metadata
 from typing import Any
 
 from ckptcore.errors import CkptError
+from ckptcore.formats.nemo import TRAILER
 from ckptcore.layout import parse_rank_folder
 
 SCHEMA = "ckpt-pipeline/lineage/v1"
-MEMBER_NAME = "lineage.json"
+MEMBER_NAME = TRAILER  # the archive's last member
 SIDECAR_SUFFIX = ".lineage.json"
 PROJECT = "ckpt-pipeline"
 _CHUNK_BYTES = 8 << 20
@@ -143,13 +144,21 @@ class OutputInfo:
 
     url: str
     size_bytes: int
-    sha256: str
+    sha256: str | None  # None: assembled in the store, never whole on one machine
+    checksum: str | None = None  # then S3's composite CRC-32 of its parts: "<base64>-<parts>"
 
 
-VERIFY_METHODS = {  # VerifyInfo.method -> what ran, in words
+VERIFY_METHODS = {  # VerifyInfo.method (its "+"-joined parts) -> what ran, in words
     "logits": "both models run",
     "same-weights": "tensors bit-identical, output model run",
+    "items": "every rank file read back where it was written, each tensor bit-identical to its "
+    "source slice",
 }
+
+
+def describe_method(method: str) -> str:
+    """A verify method in words (``items+same-weights``: both parts)."""
+    return "; ".join(VERIFY_METHODS.get(part, part) for part in method.split("+"))
 
 
 @dataclass(frozen=True)
@@ -161,7 +170,9 @@ class VerifyInfo:
     images: int
     passed: bool
     device: str
-    method: str = "logits"  # or "same-weights": see ckptcore.api.VerifyReport
+    method: str = "logits"  # or "same-weights" (ckptcore.api.VerifyReport); "items", "items+..."
+    items: int = 0  # rank files checked where they were written (method "items...")
+    tensors: int = 0  # their tensors compared
 
 
 @dataclass(frozen=True)
@@ -270,7 +281,9 @@ class LineageRecord:
             "lineage": sidecar_url(self.destination).rsplit("/", 1)[-1],
         }
         if self.output is not None:
-            out["sha256"] = self.output.sha256
+            out["sha256"] = self.output.sha256 or ""
+            if self.output.checksum:
+                out["crc32-composite"] = self.output.checksum
         if self.verify is not None:
             out["verify-max-abs-diff"] = f"{self.verify.max_abs_diff:.3g}"
             out["verify-passed"] = str(self.verify.passed).lower()
@@ -299,14 +312,8 @@ class LineageRecord:
             ("precision", self.precision),
             ("source digest", f"`{self.source_digest}`"),
             ("plan digest", f"`{self.plan_digest}`"),
-            ("output", f"{out.size_bytes:,} bytes, sha256 `{out.sha256}`" if out else "-"),
-            (
-                "verify",
-                f"{'passed' if ver.passed else 'FAILED'}: max logit difference {ver.max_abs_diff:.3g} "
-                f"<= {ver.tolerance:g} on {ver.images} images ({ver.device}; {VERIFY_METHODS.get(ver.method, ver.method)})"
-                if ver
-                else "not run",
-            ),
+            ("output", _describe_output(out)),
+            ("verify", _describe_verify(ver)),
             ("flow run", f"{self.run.flow_name}/{self.run.flow_run_name} (`{self.run.flow_run_id}`)"),
             ("deployment", self.run.deployment_name or "-"),
             ("versions", ", ".join(f"{k} {v}" for k, v in sorted(self.versions.items()))),
@@ -382,3 +389,26 @@ __all__ = [
     "sha256_file",
     "sidecar_url",
 ]
+
+
+def _describe_output(out: OutputInfo | None) -> str:
+    if out is None:
+        return "-"
+    if out.sha256 is None:
+        return f"{out.size_bytes:,} bytes, composite CRC-32 `{out.checksum}`"
+    return f"{out.size_bytes:,} bytes, sha256 `{out.sha256}`"
+
+
+def _describe_verify(ver: VerifyInfo | None) -> str:
+    if ver is None:
+        return "not run"
+    result = "passed" if ver.passed else "FAILED"
+    checks = []
+    if ver.items:
+        checks.append(f"{ver.items} rank files, {ver.tensors} tensors checked where written")
+    if ver.images:
+        checks.append(
+            f"max logit difference {ver.max_abs_diff:.3g} <= {ver.tolerance:g} on {ver.images} "
+            f"images ({ver.device})"
+        )
+    return f"{result}: {'; '.join(checks) or 'nothing compared'} ({describe_method(ver.method)})"

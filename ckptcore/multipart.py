@@ -54,6 +54,107 @@ def is_s3(url: str) -> bool:
     return url.startswith(("s3://", "s3a://"))
 
 
+def s3_target(url: str) -> tuple[Any, str, str]:
+    """The s3fs filesystem, bucket and key of an ``s3://`` URL."""
+    from ckptcore.storage import get_fs
+
+    if not is_s3(url):
+        raise CkptError(url, "a multipart upload needs an s3:// destination")
+    fs, path = get_fs(url)
+    bucket, key, _ = fs.split_path(path)
+    return fs, bucket, key
+
+
+def create_upload(
+    url: str,
+    metadata: dict[str, str] | None = None,
+    content_type: str | None = None,
+    checksum: str | None = "CRC32",
+) -> str:
+    """Start a multipart upload to ``url``; its upload id. Nothing is visible until
+    :func:`complete_upload`."""
+    if checksum is not None and checksum not in CHECKSUMS:
+        raise CkptError(url, f"checksum {checksum!r}: expected one of {', '.join(CHECKSUMS)}")
+    fs, bucket, key = s3_target(url)
+    kwargs: dict[str, Any] = {"Bucket": bucket, "Key": key}
+    if metadata:
+        kwargs["Metadata"] = metadata
+    if content_type:
+        kwargs["ContentType"] = content_type
+    if checksum:
+        kwargs["ChecksumAlgorithm"] = checksum
+    try:
+        return fs.call_s3("create_multipart_upload", **kwargs)["UploadId"]
+    except Exception as exc:
+        raise storage_error(url, "upload failed", exc) from exc
+
+
+def upload_part(
+    url: str, upload_id: str, number: int, data: bytes, checksum: str | None = "CRC32"
+) -> dict[str, Any]:
+    """Send one part; its entry for the completion (number, ETag, CRC-32 when ``checksum``).
+    A store that computed another CRC-32 than the bytes sent have is an error."""
+    fs, bucket, key = s3_target(url)
+    entry: dict[str, Any] = {"PartNumber": number}
+    extra: dict[str, Any] = {}
+    if checksum:
+        entry["ChecksumCRC32"] = extra["ChecksumCRC32"] = crc32_b64(data)
+    reply = fs.call_s3(
+        "upload_part",
+        Bucket=bucket,
+        Key=key,
+        UploadId=upload_id,
+        PartNumber=number,
+        Body=data,
+        **extra,
+    )
+    entry["ETag"] = reply["ETag"]
+    stored = reply.get("ChecksumCRC32")
+    if checksum and stored and stored != entry["ChecksumCRC32"]:
+        raise CkptError(
+            url,
+            f"part {number}: the store computed CRC-32 {stored},"
+            f" the bytes sent have {entry['ChecksumCRC32']}",
+        )
+    return entry
+
+
+def complete_upload(url: str, upload_id: str, parts: list[dict[str, Any]]) -> None:
+    """Complete the upload with ``parts`` (sorted here): the object appears whole, at once."""
+    fs, bucket, key = s3_target(url)
+    try:
+        fs.call_s3(
+            "complete_multipart_upload",
+            Bucket=bucket,
+            Key=key,
+            UploadId=upload_id,
+            MultipartUpload={"Parts": sorted(parts, key=lambda p: p["PartNumber"])},
+        )
+    except Exception as exc:
+        raise storage_error(url, "upload failed", exc) from exc
+    fs.invalidate_cache(f"{bucket}/{key}")
+
+
+def abort_upload(url: str, upload_id: str) -> None:
+    """Drop the upload and its parts (best effort: an upload never completed stays invisible,
+    and a lifecycle rule or the next run for ``url`` removes it)."""
+    fs, bucket, key = s3_target(url)
+    try:
+        fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
+    except Exception:
+        pass
+
+
+def composite_crc32(parts: list[dict[str, Any]]) -> str | None:
+    """The object's composite CRC-32 as S3 reports it (``HeadObject`` with checksum mode on):
+    the CRC-32 of the parts' CRC-32s, base64, then ``-<parts>``; None without checksums."""
+    if not parts or any("ChecksumCRC32" not in p for p in parts):
+        return None
+    ordered = sorted(parts, key=lambda p: p["PartNumber"])
+    joined = b"".join(base64.b64decode(p["ChecksumCRC32"]) for p in ordered)
+    return f"{crc32_b64(joined)}-{len(ordered)}"
+
+
 class FollowingUpload(FollowsWriter):
     """Upload ``path`` to ``url`` (``s3://``) by multipart as it grows; see the module doc."""
 
@@ -67,21 +168,13 @@ class FollowingUpload(FollowsWriter):
         content_type: str | None = None,
         checksum: str | None = "CRC32",
     ) -> None:
-        from ckptcore.storage import get_fs
-
-        if not is_s3(url):
-            raise CkptError(url, "a following multipart upload needs an s3:// destination")
-        if checksum is not None and checksum not in CHECKSUMS:
-            raise CkptError(url, f"checksum {checksum!r}: expected one of {', '.join(CHECKSUMS)}")
         if part_size < MIN_PART_BYTES:
             raise CkptError(url, f"part size {part_size} is below S3's minimum of 5 MiB")
+        self.fs, self.bucket, self.key = s3_target(url)
         super().__init__()
         self.path = path
         self.url = url
         self.part_size = part_size
-        self.fs, fs_path = get_fs(url)
-        self.bucket, self.key, _ = self.fs.split_path(fs_path)
-        self._fs_path = fs_path
         self._error: BaseException | None = None
         self.checksum = checksum
         self._parts: dict[int, dict[str, Any]] = {}  # part number -> its entry in the completion
@@ -91,26 +184,13 @@ class FollowingUpload(FollowsWriter):
         self.started = time.perf_counter()
         self.upload_seconds: float | None = None  # start -> the last part stored
         self._last_stored = self.started
-        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": self.key}
-        if metadata:
-            kwargs["Metadata"] = metadata
-        if content_type:
-            kwargs["ContentType"] = content_type
-        if checksum:
-            kwargs["ChecksumAlgorithm"] = checksum
-        try:
-            self.upload_id = self._call("create_multipart_upload", **kwargs)["UploadId"]
-        except Exception as exc:
-            raise storage_error(url, "upload failed", exc) from exc
+        self.upload_id = create_upload(url, metadata, content_type, checksum)
         self._fd = os.open(path, os.O_RDONLY)
         self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="ckpt-part")
         self._dispatcher = threading.Thread(target=self._dispatch, name="ckpt-upload", daemon=True)
         self._dispatcher.start()
 
     # -- the uploader -----------------------------------------------------------------------
-
-    def _call(self, method: str, **kwargs: Any) -> Any:
-        return self.fs.call_s3(method, **kwargs)
 
     def _dispatch(self) -> None:
         number, offset = 1, 0
@@ -139,27 +219,7 @@ class FollowingUpload(FollowsWriter):
             return
         try:
             data = _pread_all(self._fd, offset, length, self.path)
-            entry: dict[str, Any] = {"PartNumber": number}
-            extra: dict[str, Any] = {}
-            if self.checksum:
-                entry["ChecksumCRC32"] = extra["ChecksumCRC32"] = crc32_b64(data)
-            reply = self._call(
-                "upload_part",
-                Bucket=self.bucket,
-                Key=self.key,
-                UploadId=self.upload_id,
-                PartNumber=number,
-                Body=data,
-                **extra,
-            )
-            entry["ETag"] = reply["ETag"]
-            stored = reply.get("ChecksumCRC32")
-            if self.checksum and stored and stored != entry["ChecksumCRC32"]:
-                raise CkptError(
-                    self.url,
-                    f"part {number}: the store computed CRC-32 {stored},"
-                    f" the bytes sent have {entry['ChecksumCRC32']}",
-                )
+            entry = upload_part(self.url, self.upload_id, number, data, self.checksum)
         except BaseException as exc:  # noqa: BLE001 - handed to wait()
             with self._cond:
                 if self._error is None:
@@ -191,19 +251,8 @@ class FollowingUpload(FollowsWriter):
     def commit(self) -> None:
         """Complete the upload: the object appears at ``url`` with every part."""
         self.wait()
-        parts = [self._parts[n] for n in sorted(self._parts)]
-        try:
-            self._call(
-                "complete_multipart_upload",
-                Bucket=self.bucket,
-                Key=self.key,
-                UploadId=self.upload_id,
-                MultipartUpload={"Parts": parts},
-            )
-        except Exception as exc:
-            raise storage_error(self.url, "upload failed", exc) from exc
+        complete_upload(self.url, self.upload_id, list(self._parts.values()))
         self._state = "committed"
-        self.fs.invalidate_cache(self._fs_path)
         self._close()
 
     def abort(self) -> None:
@@ -216,12 +265,7 @@ class FollowingUpload(FollowsWriter):
         self._dispatcher.join()
         for future in list(self._futures):
             future.exception()  # let parts in flight end before the upload goes
-        try:
-            self._call(
-                "abort_multipart_upload", Bucket=self.bucket, Key=self.key, UploadId=self.upload_id
-            )
-        except Exception:
-            pass  # never completed, the upload stays invisible; a lifecycle rule removes it
+        abort_upload(self.url, self.upload_id)
         self._close()
 
     def composite_checksum(self) -> str | None:
@@ -230,10 +274,8 @@ class FollowingUpload(FollowsWriter):
         checksum or before every part is stored."""
         if not self.checksum or self._size is None or len(self._parts) != len(self._futures):
             return None
-        joined = b"".join(
-            base64.b64decode(self._parts[n]["ChecksumCRC32"]) for n in sorted(self._parts)
-        )
-        return crc32_b64(joined)
+        composite = composite_crc32(list(self._parts.values()))
+        return None if composite is None else composite.split("-")[0]
 
     @property
     def state(self) -> str:

@@ -196,6 +196,11 @@ def open_guarded(url: str, cache: RangeCache | None = None) -> ByteSource:
         raise storage_error(url, "cannot open", exc) from exc
 
 
+def torch_rank(src: ByteSource, tp_rank: int, pp_rank: int) -> SourceRank:
+    """One rank file (torch's zip format) read lazily: its keys and specs now, tensors on demand."""
+    return _torch_rank(src, tp_rank, pp_rank)[0]
+
+
 def _torch_rank(src: ByteSource, tp_rank: int, pp_rank: int) -> tuple[SourceRank, Any]:
     tf = TorchFile(src)
     sd = state_dict_of(tf.obj, src.name)

@@ -3,21 +3,19 @@
 ``work_items(ck, plan)`` gives, per target rank file, the exact source byte ranges it reads (file,
 offset, length; merged where adjacent) and the size of the file it writes: JSON-serialisable, so a
 scheduler can hand items to different machines. :func:`write_work_item` carries one out where
-it runs: it opens the source itself and streams its one rank file to a URL;
-:func:`write_work_item_in_place` writes it straight to its place in the final archive.
-``estimate`` turns items into an expected wall time for N workers of a given bandwidth (greedy
-longest-first assignment).
+it runs: it opens the source itself and streams its one rank file to a URL (to write it
+straight to its place in the final archive instead, see :mod:`ckptcore.assembly`).
+``estimate`` turns items into expected wall times for N workers of a given bandwidth (greedy
+longest-first assignment), end to end with the archive assembled in place or staged.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from ckptcore.engine import file_layout, planned_reads, write_file, write_rank
 from ckptcore.errors import CkptError
-from ckptcore.formats.nemo import MemberSource, Placement, write_member_at
 from ckptcore.plan import FilePlan, Plan
 from ckptcore.sources import Checkpoint, open_checkpoint
 from ckptcore.storage import RangeCache, get_fs, is_local, local_path
@@ -76,15 +74,45 @@ def work_items(ck: Checkpoint, plan: Plan, with_ranges: bool = True) -> list[Wor
     return items
 
 
+TRAILER_BYTES = 16 << 10  # lineage.json, as estimated (a record is a few KB)
+
+
+def flow_bytes(items: list[WorkItem], config_bytes: int = 4096) -> int:
+    """Archive bytes the flow's process writes when the workers assemble the ``.nemo`` in an
+    ``s3://`` destination (:mod:`ckptcore.assembly`): the config, the tail (rank files too short
+    for a part of their own, ``lineage.json``, the end of the archive)."""
+    from ckptcore.assembly import assembly_for
+    from ckptcore.formats.nemo import CONFIG_NAME
+
+    sizes = {CONFIG_NAME: config_bytes, **{i.path: i.write_bytes for i in items}}
+    plan = assembly_for("s3://estimate/model.nemo", sizes, [i.path for i in items])
+    return config_bytes + plan.trailer_layout(TRAILER_BYTES)[1] - plan.tail_start
+
+
 def estimate(items: list[WorkItem], workers: int, gbps_per_worker: float) -> dict:
-    """Expected wall time: items assigned longest first to the least-loaded worker; each worker
-    moves read + write bytes at ``gbps_per_worker``."""
+    """Expected wall times: items assigned longest first to the least-loaded worker; each worker
+    moves read + write bytes at ``gbps_per_worker``, and so does the flow's process.
+
+    ``seconds``: the items. ``in_place_seconds``: end to end when the workers write the final
+    archive in place (they also upload it; the flow writes only :func:`flow_bytes`).
+    ``staged_seconds``: end to end when the items are staged, then packaged and uploaded by the
+    flow's process (every output byte through it twice)."""
     loads = [0] * max(1, workers)
     for item in sorted(items, key=lambda i: i.read_bytes + i.write_bytes, reverse=True):
         k = loads.index(min(loads))
         loads[k] += item.read_bytes + item.write_bytes
-    seconds = max(loads) / (gbps_per_worker * 1e9)
-    return {"workers": workers, "seconds": seconds, "busiest_worker_bytes": max(loads)}
+    rate = gbps_per_worker * 1e9
+    seconds = max(loads) / rate
+    written = sum(i.write_bytes for i in items)
+    tail = flow_bytes(items)
+    return {
+        "workers": workers,
+        "seconds": seconds,
+        "busiest_worker_bytes": max(loads),
+        "flow_bytes": tail,
+        "in_place_seconds": seconds + tail / rate,
+        "staged_seconds": seconds + 2 * written / rate,
+    }
 
 
 def _complete_at(url: str, size: int) -> bool:
@@ -138,33 +166,3 @@ def write_work_item(
                 out.closed = True
             raise
     return size, False
-
-
-def write_work_item_in_place(
-    source: str,
-    checkpoint: str,
-    fp: FilePlan,
-    archive: str,
-    placement: Placement,
-    *,
-    cache: RangeCache | str | None = None,
-) -> int:
-    """The target rank file ``fp`` streamed from ``source`` straight to its place in the
-    archive ``archive`` (a local or shared-folder file already of the archive's size, laid out
-    by :func:`ckptcore.formats.nemo.archive_layout`): header and data at ``placement``, no
-    staged copy. Returns the bytes written. Items writing their members this way, in any
-    order, on any machine that sees the file, give the archive one pass would write."""
-    layout = file_layout(fp)
-    if placement.size != layout.size or placement.rel != fp.path:
-        raise CkptError(archive, f"{placement.name} is not laid out for {fp.path}")
-    with open_checkpoint(source, checkpoint, cache=cache) as ck:
-        member = MemberSource(
-            layout.size,
-            lambda sink: write_rank(ck, fp, sink, layout, allow_nonfinite=False),
-        )
-        fd = os.open(local_path(archive), os.O_RDWR)
-        try:
-            write_member_at(fd, placement, member)
-        finally:
-            os.close(fd)
-    return len(placement.header) + layout.size

@@ -7,11 +7,12 @@ One run writes a destination at a time: from check-destination to report-lineage
 holds a Prefect global concurrency limit named by the destination, and a second run for it
 waits there. Verify and upload run in one Prefect transaction with the build: a failure rolls
 it back (a streamed upload is aborted, an uncommitted object removed), so nothing appears at
-the destination. The ``.nemo`` is built one of four ways, chosen by parameters:
+the destination. The ``.nemo`` is built one of five ways, chosen by parameters:
 
 | route | when | steps |
 |---|---|---|
-| ``mapped`` | ``runner`` names a task runner | ``repartition-items`` (one ``write-item`` task per target rank file, on threads, Dask or Ray) -> package |
+| ``assembled`` | ``runner`` names a task runner (``assemble="in-place"``) | ``assemble-items``: ``write-piece`` tasks on threads, Dask or Ray write the final archive in place and check what they wrote; this run writes ``lineage.json`` and commits |
+| ``mapped`` | ``runner`` and ``assemble="staged"`` | ``repartition-items`` (one ``write-item`` task per target rank file, staged, resumable) -> package |
 | ``deployment`` | ``repartition="deployment"``, or ``auto`` in a deployed run | the ``repartition/vit`` run created when this run began (in ``gpu-pool``) -> download-partition -> package |
 | ``stream`` | an ``s3://`` destination and ``upload="stream"`` | write-nemo (repartition + package in one pass, a multipart upload following the file) |
 | ``inline`` | otherwise | locate-source (or ``fetch`` with ``source_read="download"``) -> repartition -> package |
@@ -43,6 +44,7 @@ Repartition = Literal["auto", "inline", "deployment"]
 Upload = Literal["stream", "after"]
 SourceRead = Literal["in-place", "download"]
 VerifyProcess = Literal["auto", "warm", "inline"]
+Assemble = Literal["in-place", "staged"]
 
 
 @flow(name="convert")
@@ -62,6 +64,7 @@ def convert_vit(
     upload: Upload = "stream",
     source_read: SourceRead = "in-place",
     verify_process: VerifyProcess = "auto",
+    assemble: Assemble = "in-place",
 ) -> dict[str, str]:
     """Convert a NeMo ViT training checkpoint into a verified ``.nemo`` with lineage.
 
@@ -95,10 +98,16 @@ def convert_vit(
         verify_process: ``warm`` verifies in a child process started when the run begins (its
             imports overlap the conversion), ``inline`` in this process, ``auto``: ``warm``
             unless torch is imported here already.
+        assemble: with a ``runner``, ``in-place``: the workers write the final ``.nemo``
+            straight into the destination (S3 multipart parts, or their places in one file)
+            and check what they wrote against the source, this run writes only
+            ``lineage.json`` and the end of the archive; ``staged``: items are staged
+            (``CKPT_STAGING_URL``), found again by a rerun, and packaged here.
     """
     job = ConvertJob(
         source, destination, checkpoint, target_tp, target_pp, precision, verify, overwrite,
         tolerance, scratch_url, runner, repartition, upload, source_read, verify_process,
+        assemble,
     )  # fmt: skip
     return convert_pipeline(job)
 
@@ -120,9 +129,9 @@ def convert_pipeline(job: ConvertJob) -> dict[str, str]:
             with transaction():  # a failure up to the commit rolls back: nothing is published
                 built = job.build(listing, destination, handoff)
                 verified = (
-                    verify_output(built.fetched, built.packaged, job.tolerance, verifier)
-                    if job.verify
-                    else None
+                    built.verified  # checked where the workers wrote it
+                    if built.archive is not None or not job.verify
+                    else verify_output(built.fetched, built.packaged, job.tolerance, verifier)
                 )
                 uploaded = publish(built, verified)
             report_lineage(uploaded.record)

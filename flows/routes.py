@@ -1,4 +1,4 @@
-"""The four ways ``convert`` builds its ``.nemo``; each returns a :class:`tasks.publish.Built`
+"""The five ways ``convert`` builds its ``.nemo``; each returns a :class:`tasks.publish.Built`
 that verify and upload take from there (see the table in :mod:`flows.convert`)."""
 
 from __future__ import annotations
@@ -7,13 +7,17 @@ import os
 from dataclasses import dataclass, replace
 
 from prefect import runtime
+from prefect.logging import get_run_logger
 
 from ckptcore.api import SourceListing, cache_location, fetch_location, is_local, is_s3
 from ckptcore.errors import CkptError
+from flows.assemble_items import run_assembled
 from flows.repartition_items import run_mapped
 from tasks import settings
+from tasks.assemble import archive_pending
 from tasks.cache import run_cached
 from tasks.convert import (
+    Packaged,
     download_partition,
     package,
     partition_is_present,
@@ -49,6 +53,7 @@ class ConvertJob:
     upload: str = "stream"
     source_read: str = "in-place"
     verify_process: str = "auto"
+    assemble: str = "in-place"
     kinds: tuple[str, ...] = ("ptl", "nemo", "nemo-dir")
 
     def __post_init__(self) -> None:
@@ -57,6 +62,7 @@ class ConvertJob:
             ("upload", ("stream", "after")),
             ("source_read", ("in-place", "download")),
             ("verify_process", ("auto", "warm", "inline")),
+            ("assemble", ("in-place", "staged")),
         ):
             value = getattr(self, name)
             if value not in allowed:
@@ -93,7 +99,7 @@ class ConvertJob:
 
     def route(self, destination: str, handoff: Handoff | None) -> str:
         if self.runner is not None:
-            return "mapped"
+            return "assembled" if self.assemble == "in-place" else "mapped"
         if handoff is not None:
             return "deployment"
         if is_s3(destination) and self.upload == "stream":
@@ -174,7 +180,28 @@ def build_mapped(
     return Built(mapped.fetched, packaged, record, files, shared_roots=shared)
 
 
+def build_assembled(
+    job: ConvertJob, listing: SourceListing, destination: str, handoff: Handoff | None
+) -> Built:
+    """assemble-items on the job's task runner: the workers write the final archive in place
+    and check what they wrote; it waits, uncommitted, for verify and the commit."""
+    assert job.runner is not None
+    done = run_assembled(
+        listing, job.target_tp, job.target_pp, job.precision, destination, job.runner,
+        job.verify, job.tolerance,
+    )  # fmt: skip
+    target = archive_pending(done.target)  # the run's rollback aborts it from here on
+    get_run_logger().info("%s; per worker: %s", done.funnel(), done.worker_bytes())
+    packaged = Packaged(target.path or destination, done.size_bytes, done.sha256, done.seconds)
+    files = [] if listing.local else [cache_location(listing, settings.work_dir())]
+    return Built(
+        done.fetched, packaged, done.record, files, archive=target, parts=done.parts,
+        verified=done.verified,
+    )  # fmt: skip
+
+
 ROUTES = {
+    "assembled": build_assembled,
     "mapped": build_mapped,
     "deployment": build_deployment,
     "stream": build_stream,

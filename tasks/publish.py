@@ -27,8 +27,11 @@ from prefect.tasks import MaterializingTask
 
 from ckptcore import lineage
 from ckptcore.api import (
+    ArchiveTarget,
     FetchedCheckpoint,
     abort_incomplete_uploads,
+    commit_archive,
+    composite_crc32,
     get_fs,
     is_local,
     local_path,
@@ -209,6 +212,22 @@ def commit_nemo(pending: str | None, packaged_path: str, record: lineage.Lineage
     return _committed(record, upload.upload_seconds or 0.0)
 
 
+@materialize(
+    "ckpt://nemo",  # replaced per destination by upload_task()
+    name="upload",
+    **storage_retries(),
+)
+def commit_assembled(
+    target: ArchiveTarget, parts: tuple[dict, ...], record: lineage.LineageRecord
+) -> Uploaded:
+    """Commit the archive the workers assembled (complete its upload, or rename its work file
+    into place), then the sidecar."""
+    start = time.perf_counter()
+    _remove(lineage.sidecar_url(record.destination))
+    commit_archive(target, list(parts))
+    return _committed(record, time.perf_counter() - start)
+
+
 def _with_output(record: lineage.LineageRecord, packaged_path: str) -> lineage.LineageRecord:
     """``record`` with its output (size, sha256 of the local ``.nemo``) if it lacks one."""
     if record.output is not None:
@@ -228,10 +247,14 @@ def _remove_uncommitted(destination: str) -> Callable[..., None]:
     return hook
 
 
-def upload_task(destination: str, source: str, streamed: bool = False) -> MaterializingTask:
-    """``upload_nemo`` (``commit_nemo`` when ``streamed``) materialising ``destination`` as an
-    asset derived from ``source``."""
-    return (commit_nemo if streamed else upload_nemo).with_options(
+UPLOADS = {"upload": upload_nemo, "streamed": commit_nemo, "assembled": commit_assembled}
+
+
+def upload_task(destination: str, source: str, kind: str = "upload") -> MaterializingTask:
+    """The ``upload`` task of a built ``.nemo`` (``kind``: ``upload`` a local file, commit a
+    ``streamed`` upload, or an ``assembled`` archive) materialising ``destination`` as an asset
+    derived from ``source``."""
+    return UPLOADS[kind].with_options(
         assets=[
             Asset(
                 key=asset_key(destination),
@@ -252,7 +275,8 @@ class Built:
     """A ``.nemo`` in the work folder, ready for verify and upload: the source as read, the
     archive, its lineage record as archived, the work files to remove at the end (and shared
     folders outside the work folder they may sit in); ``streamed``: ``write-nemo`` wrote it
-    while its upload (``pending``) followed."""
+    while its upload (``pending``) followed; ``archive``: the workers assembled it in place
+    (``parts`` to complete its upload with), checked where they wrote it (``verified``)."""
 
     fetched: FetchedCheckpoint
     packaged: Packaged
@@ -261,13 +285,27 @@ class Built:
     pending: str | None = None
     streamed: bool = False
     shared_roots: tuple[str, ...] = ()
+    archive: ArchiveTarget | None = None
+    parts: tuple[dict, ...] = ()
+    verified: Verified | None = None
 
 
 def publish(built: Built, verified: Verified | None) -> Uploaded:
     """The record completed with the output and the verify result, then ``upload``: the
     ``.nemo`` (or the commit of its streamed upload), its sidecar and asset."""
+    if built.archive is not None:
+        final = finish_lineage(built.record, built.packaged, verified, streamed=True)
+        final = final.with_timing("assemble", built.packaged.seconds)
+        if final.output is None:  # assembled in the store: S3's checksum of its parts
+            crc = composite_crc32(list(built.parts))
+            size = built.packaged.size_bytes
+            final = final.with_output(lineage.OutputInfo(final.destination, size, None, crc))
+        upload = upload_task(final.destination, final.source, "assembled")
+        return upload(built.archive, built.parts, final)
     final = finish_lineage(built.record, built.packaged, verified, streamed=built.streamed)
-    upload = upload_task(final.destination, final.source, streamed=built.streamed)
+    upload = upload_task(
+        final.destination, final.source, "streamed" if built.streamed else "upload"
+    )
     if built.streamed:
         return upload(built.pending, built.packaged.path, final)
     return upload(built.packaged.path, final)

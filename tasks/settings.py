@@ -63,6 +63,12 @@ class PipelineSettings(BaseSettings):
     upload_chunk_bytes: int = Field(
         64 << 20, ge=MIN_PART_BYTES, description="S3 multipart part size (S3 needs >= 5 MiB)"
     )
+    min_part_bytes: int = Field(
+        MIN_PART_BYTES,
+        ge=1,
+        description="the store's smallest multipart part but the last (S3: 5 MiB): pieces "
+        "workers write into the final archive are at least this long",
+    )
     upload_concurrency: int = Field(
         4, ge=1, description="parts of one S3 upload in flight (each held in memory)"
     )
@@ -219,6 +225,10 @@ def retries() -> int:
 
 def upload_chunk_bytes() -> int:
     return current().upload_chunk_bytes
+
+
+def min_part_bytes() -> int:
+    return current().min_part_bytes
 
 
 def upload_concurrency() -> int:

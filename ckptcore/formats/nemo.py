@@ -223,8 +223,12 @@ class MemberSource:
 MemberData = str | bytes | MemberSource  # a local path, the bytes, or a producer
 
 
+TRAILER = "lineage.json"  # a record of how the archive was made: written after the model
+
+
 def nemo_members(names: Iterable[str]) -> list[tuple[str, str | None]]:
-    """Archive members in NeMo's order: ``.``, then a sorted walk, each folder before its files.
+    """Archive members in NeMo's order: ``.``, then a sorted walk, each folder before its files;
+    a top-level :data:`TRAILER` comes last, so the model's bytes never move with its size.
 
     Returns (member name, relative file name or None for a folder).
     """
@@ -248,7 +252,8 @@ def nemo_members(names: Iterable[str]) -> list[tuple[str, str | None]]:
                 out.append((f"./{child}", child))
 
     walk("")
-    return out
+    trailer = [m for m in out if m[1] == TRAILER]
+    return [m for m in out if m[1] != TRAILER] + trailer
 
 
 def _size_of(data: MemberData) -> int:
@@ -324,11 +329,12 @@ def _emit_data(emit: Callable[[bytes | memoryview], object], data: MemberData) -
                 emit(block)
 
 
-def write_member_at(fd: int, placement: Placement, data: MemberData) -> None:
+def write_member_at(fd: int, placement: Placement, data: MemberData, base: int = 0) -> None:
     """Write one member (header and data) at its place in the archive open as ``fd``, a file
     already of the archive's size (zeros where nothing is written yet: the padding and the
-    end blocks need no writing)."""
-    position = placement.offset
+    end blocks need no writing). ``base``: the archive offset ``fd`` starts at (a file that
+    holds only a piece of the archive)."""
+    position = placement.offset - base
 
     def emit(chunk: bytes | memoryview) -> None:
         nonlocal position
@@ -340,10 +346,10 @@ def write_member_at(fd: int, placement: Placement, data: MemberData) -> None:
 
     emit(placement.header)
     _emit_data(emit, data)
-    if position - placement.data_offset != placement.size:
+    produced = position + base - placement.data_offset
+    if produced != placement.size:
         raise CkptError(
-            placement.name,
-            f"member produced {position - placement.data_offset} bytes, expected {placement.size}",
+            placement.name, f"member produced {produced} bytes, expected {placement.size}"
         )
 
 

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import pickle
 import subprocess
 import sys
 
-from ckptcore.api import convert, dump_config, plan_conversion
-from ckptcore.engine import file_layout
-from ckptcore.formats.nemo import CONFIG_NAME, archive_layout, write_member_at
+from ckptcore.api import plan_conversion
 from ckptcore.sample import shape_only_checkpoint, vit_config, write_nemo
 from ckptcore.sources import open_checkpoint
-from ckptcore.workplan import estimate, work_items, write_work_item_in_place
+from ckptcore.workplan import estimate, work_items
 
 
 def test_items_read_exactly_the_source_bytes(tmp_path) -> None:
@@ -59,42 +55,3 @@ def test_cli_plan_estimate() -> None:
         16,
         64,
     ]
-
-
-def test_items_written_in_place_make_the_one_pass_archive(tmp_path) -> None:
-    """Each work item writes its rank file straight to its place in the final archive (a
-    pre-sized file, another process for one of them); with the config member written beside
-    them, the file equals ``ckpt convert``'s archive byte for byte."""
-    src = str(tmp_path / "a.nemo")
-    write_nemo(src, vit_config("tiny", layers=4), tp=2)
-    ref = tmp_path / "ref.nemo"
-    convert(src, str(ref), target_tp=1, target_pp=2)
-    with open_checkpoint(src) as ck:
-        plan = plan_conversion(ck, 1, 2)
-    config = dump_config(plan.config)
-    sizes = {CONFIG_NAME: len(config), **{fp.path: file_layout(fp).size for fp in plan.files}}
-    placements, total = archive_layout(sizes)
-    at = {p.rel: p for p in placements if p.rel}
-    archive = tmp_path / "in-place.nemo"
-    with open(archive, "wb") as f:
-        f.truncate(total)
-    first, *rest = plan.files
-    code = (
-        "import pickle, sys\n"
-        "from ckptcore.workplan import write_work_item_in_place\n"
-        "args = pickle.loads(sys.stdin.buffer.read())\n"
-        "write_work_item_in_place(*args)\n"
-    )
-    payload = pickle.dumps((src, "last", first, str(archive), at[first.path]))
-    subprocess.run([sys.executable, "-c", code], input=payload, check=True)
-    for fp in reversed(rest):
-        write_work_item_in_place(src, "last", fp, str(archive), at[fp.path])
-    fd = os.open(archive, os.O_RDWR)
-    try:
-        write_member_at(fd, at[CONFIG_NAME], config)
-        for p in placements:
-            if p.rel is None:  # the folders' headers
-                write_member_at(fd, p, b"")
-    finally:
-        os.close(fd)
-    assert archive.read_bytes() == ref.read_bytes()

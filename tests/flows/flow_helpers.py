@@ -116,6 +116,8 @@ async def work_items_table(flow_run_id: str) -> list[dict]:
     return json.loads(data[0]) if isinstance(data[0], str) else data[0]
 
 
-def subflow_id(record: LineageRecord) -> str:
-    note = next(n for n in record.notes if n.startswith("repartitioned as"))
+def subflow_id(record: LineageRecord, flow: str = "repartition-items") -> str:
+    """The id of the ``repartition-items`` (or ``assemble-items``) run the record's note names."""
+    start = {"repartition-items": "repartitioned as", "assemble-items": "assembled in place"}[flow]
+    note = next(n for n in record.notes if n.startswith(start))
     return note.rsplit(", ", 1)[-1].split(")", 1)[0]

@@ -106,13 +106,14 @@ def test_convert_overwrite(two_checkpoints, tmp_path) -> None:
 
 
 def test_convert_scratch_url_is_where_mapped_items_stage(two_checkpoints, tmp_path) -> None:
-    """In the mapped mode the work items write under ``scratch_url`` (no CKPT_STAGING_URL)."""
+    """With staged items the work items write under ``scratch_url`` (no CKPT_STAGING_URL)."""
     scratch = tmp_path / "scratch"
     convert_vit(
         source=two_checkpoints,
         destination=str(tmp_path / "a.nemo"),
         target_tp=1,
         runner="threads",
+        assemble="staged",
         scratch_url=str(scratch),
         verify=False,
     )
@@ -270,7 +271,9 @@ def test_repartition_parameters(two_checkpoints, tmp_path) -> None:
         ({}, "/models/a.nemo", "inline"),
         ({}, "s3://models/a.nemo", "stream"),
         ({"upload": "after"}, "s3://models/a.nemo", "inline"),
-        ({"runner": "threads:2"}, "s3://models/a.nemo", "mapped"),
+        ({"runner": "threads:2"}, "s3://models/a.nemo", "assembled"),
+        ({"runner": "dask", "assemble": "staged"}, "s3://models/a.nemo", "mapped"),
+        ({"runner": "ray"}, "/models/a.nemo", "assembled"),
         ({"runner": "inline"}, "/models/a.nemo", "inline"),
     ],
 )
@@ -289,6 +292,7 @@ def test_repartition_deployment_hands_off_unless_mapped() -> None:
         ("upload", "later"),
         ("source_read", "mmap"),
         ("verify_process", "child"),
+        ("assemble", "later"),
     ):
         with pytest.raises(CkptError, match=f"{name}='{value}': expected"):
             ConvertJob("src", **{name: value})
