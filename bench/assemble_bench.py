@@ -8,18 +8,29 @@ Prefect server (``prefect server start``, started here):
 - ``s3-one``: source and destination in a local S3 server (moto, its own process, ranged GETs
   reading only the range: ``bench/moto_ranges.py --fast-ranges``), one process (the ``stream``
   route: write the ``.nemo`` locally while its upload follows it);
-- ``s3-dask``: the same with ``runner="dask"``: a ``LocalCluster`` of ``--workers``
-  single-threaded processes write the archive's pieces as parts of one multipart upload;
-- ``folder-one`` / ``folder-dask``: source and destination in a local folder (a shared
-  filesystem stands in: every worker sees the same path); the workers write their pieces at
-  their offsets in one file beside the destination.
+- ``s3-dask``: the same with a ``runner``: a Dask ``LocalCluster`` of ``--workers``
+  single-threaded processes (started here, reached as ``dask://``) write the archive's pieces
+  as parts of one multipart upload;
+- ``folder-one`` / ``folder-dask``: the destination in a local folder (a shared filesystem
+  stands in: every worker sees the same path), the source in S3 as before; the workers write
+  their pieces at their offsets in one file beside the destination. (A source in a local folder
+  is identified by the sha256 of its files, which ``list-source`` takes in the flow's process:
+  it would read the whole training folder there, optimizer state included.)
 
-Counted, not estimated: the bytes of the archive the flow's process produced (the ``write-tail``
-row of the ``work-items`` artifact plus the small members it handed to a piece), the flow
-process's own I/O from ``/proc/<pid>/io`` (``rchar``/``wchar``: every read and write system call,
-files and sockets: S3 traffic, the Prefect API, the Dask scheduler; ``read_bytes``/
-``write_bytes``: what reached the block device), and each worker's archive bytes (the
-``write-piece`` rows). The archives of the one-process and the Dask runs are compared byte for
+Counted, not estimated, for the flow's process alone:
+
+- its S3 traffic: the flow reaches S3 through a byte-counting proxy (``bench/s3_counter.py``,
+  its own process: GET response bodies read, PUT/POST request bodies written), the Dask workers
+  (their ``LocalCluster`` is started here, not by the flow) reach moto directly;
+- its file I/O: ``/proc/self/io`` ``rchar`` + ``wchar`` (bytes through ``read``/``write``
+  system calls: work files, a local destination; modules are imported before counting; verify
+  runs in the flow's process, ``verify_process="inline"``, since Linux adds a reaped child's
+  I/O to its parent's);
+- the archive bytes it produced: the ``write-tail`` row of the ``work-items`` artifact (the
+  tail plus the small members it handed to a piece).
+
+Not counted: the Prefect API's traffic (task-run states and logs). Per worker: the archive
+bytes of its ``write-piece`` rows. The archives of the one-process and the Dask runs are compared byte for
 byte apart from ``lineage.json`` (the last member: everything before its header must match).
 
 Usage::
@@ -50,6 +61,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
 from e2e_bench import free_port, moto_process, wait_port  # noqa: E402
+from s3_counter import read_counters, reset_counters, start_proxy_process  # noqa: E402
 
 MB = 1e6
 VARIANTS = ("s3-one", "s3-dask", "folder-one", "folder-dask")
@@ -66,9 +78,13 @@ def proc_io() -> dict[str, int]:
 def child(spec: dict) -> dict:
     import asyncio
 
+    import distributed  # noqa: F401 - imported before counting: module files are not data
+    import prefect_dask  # noqa: F401
+    import torch  # noqa: F401
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
+    import ckptcore.model.vit  # noqa: F401
     from ckptcore.lineage import LineageRecord
     from flows.convert import convert_vit
     from tasks.publish import read_lineage
@@ -81,6 +97,7 @@ def child(spec: dict) -> dict:
         target_tp=spec["target_tp"],
         runner=spec.get("runner"),
         overwrite=True,
+        verify_process="inline",  # a child process's I/O would count as this one's once reaped
     )
     wall = time.perf_counter() - t0
     after = proc_io()
@@ -132,6 +149,20 @@ def prefect_server(home: str):
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(30)
         log.close()
+
+
+@contextlib.contextmanager
+def local_cluster(workers: int):
+    """A Dask ``LocalCluster`` of single-threaded worker processes, owned by this process (the
+    flow reaches it as ``dask://``): the workers are not the flow process's children, so
+    ``/proc/<flow>/io`` counts the flow alone (Linux adds a reaped child's I/O to its parent's)."""
+    from distributed import LocalCluster
+
+    with LocalCluster(
+        n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+        scheduler_port=free_port(),
+    ) as cluster:  # fmt: skip
+        yield "dask://" + cluster.scheduler_address.removeprefix("tcp://")
 
 
 def members_before_lineage(read, size: int) -> int:
@@ -214,6 +245,7 @@ def main() -> int:
     try:
         with (
             moto_process(os.path.join(work, "moto.log"), fast_ranges=True) as moto,
+            start_proxy_process(moto) as proxy,
             prefect_server(work) as api,
         ):
             env = dict(
@@ -225,7 +257,7 @@ def main() -> int:
             os.environ.update(env)
             s3 = fsspec.filesystem("s3", skip_instance_cache=True)
             prefix = f"bench-{uuid.uuid4().hex[:6]}"
-            if any(v.startswith("s3") for v in only):
+            if only:
                 for bucket in ("ckpt-training", "ckpt-models"):
                     s3.mkdir(bucket)
                 s3.put(source + "/", f"ckpt-training/{prefix}/checkpoints/", recursive=True)
@@ -233,7 +265,7 @@ def main() -> int:
             for variant in only:
                 place, how = variant.split("-")
                 spec = {
-                    "source": f"s3://ckpt-training/{prefix}/checkpoints" if place == "s3" else source,
+                    "source": f"s3://ckpt-training/{prefix}/checkpoints",
                     "destination": (
                         f"s3://ckpt-models/{prefix}/{how}.nemo" if place == "s3"
                         else os.path.join(out_dir, f"{how}.nemo")
@@ -247,12 +279,26 @@ def main() -> int:
                     json.dump(spec, f)
                 log = open(os.path.join(work, f"{variant}.log"), "wb")
                 print(f"{variant} ...", file=sys.stderr, flush=True)
-                subprocess.run(
-                    [sys.executable, __file__, "--child", spec_path],
-                    env=env, stdout=log, stderr=subprocess.STDOUT, check=True,
-                )  # fmt: skip
+                with (
+                    local_cluster(args.workers)
+                    if how == "dask"
+                    else contextlib.nullcontext() as address
+                ):
+                    if address:  # the cluster is this process's: its workers' I/O is not the flow's
+                        with open(spec_path, "w") as f:
+                            json.dump({**spec, "runner": address}, f)
+                    reset_counters(proxy)
+                    subprocess.run(
+                        [sys.executable, __file__, "--child", spec_path],
+                        env={**env, "AWS_ENDPOINT_URL_S3": proxy},  # the flow's S3, counted
+                        stdout=log, stderr=subprocess.STDOUT, check=True,
+                    )  # fmt: skip
+                    counted = read_counters(proxy)
                 with open(spec["result"]) as f:
-                    results[variant] = {**json.load(f), "destination": spec["destination"]}
+                    results[variant] = {
+                        **json.load(f), "destination": spec["destination"],
+                        "s3": {k: counted[k] for k in ("read_bytes", "written_bytes", "requests")},
+                    }  # fmt: skip
             for place, fs in (("s3", s3), ("folder", fsspec.filesystem("file"))):
                 one, dask = results.get(f"{place}-one"), results.get(f"{place}-dask")
                 if one and dask:
@@ -278,8 +324,8 @@ def report(results: dict[str, dict], date: str, args) -> str:
     lines = [
         f"{date}, `python bench/assemble_bench.py --layers {args.layers} --workers {args.workers}`",
         "",
-        "| run | wall s | output MB | archive bytes from the flow | flow process I/O (rchar+wchar) MB | per worker MB | same as one-process |",
-        "|---|---:|---:|---:|---:|---|---|",
+        "| run | wall s | output MB | archive bytes from the flow | flow's S3 read + written MB | flow's file I/O MB | through the flow, % of output | per worker MB | same as one-process |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for name, r in results.items():
         out = r["output_bytes"]
@@ -291,10 +337,12 @@ def report(results: dict[str, dict], date: str, args) -> str:
                 per[x["worker"]] = per.get(x["worker"], 0) + x["write_bytes"]
         flow = f"{tail:,} ({tail / out:.3%})" if rows else f"{out:,} (100%)"
         workers = ", ".join(f"{v / MB:.0f}" for v in per.values()) or "-"
-        io_mb = (r["io"]["rchar"] + r["io"]["wchar"]) / MB
+        files = r["io"]["rchar"] + r["io"]["wchar"]
+        net = r["s3"]["read_bytes"] + r["s3"]["written_bytes"]
         same = {True: "yes", False: "NO"}.get(r.get("same_as_one"), "-")
         lines.append(
-            f"| {name} | {r['wall']:.1f} | {out / MB:.0f} | {flow} | {io_mb:.0f} | {workers} | {same} |"
+            f"| {name} | {r['wall']:.1f} | {out / MB:.0f} | {flow} | {net / MB:.1f} | "
+            f"{files / MB:.1f} | {(net + files) / out:.2%} | {workers} | {same} |"
         )
     return "\n".join(lines)
 

@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -211,6 +212,7 @@ class PieceResult:
     tensors_checked: int = 0
     checked: bool = False
     ranks_checked: int = 0  # rank files among the members, read back and compared
+    check_seconds: float = 0.0
 
 
 def _emit_piece(
@@ -218,12 +220,15 @@ def _emit_piece(
     placements: tuple[Placement, ...] | list[Placement],
     produce: Callable[[str], MemberData],
     base: int,
+    progress: Callable[[int], object] | None = None,
 ) -> int:
     written = 0
     for placement in placements:
         data: MemberData = b"" if placement.rel is None else produce(placement.rel)
-        write_member_at(fd, placement, data, base)
+        write_member_at(fd, placement, data, base, progress)
         written += len(placement.header) + placement.size
+    if progress is not None:
+        progress(placements[-1].end - base if placements else 0)  # the padding: zeros already
     return written
 
 
@@ -326,20 +331,31 @@ def write_piece(
                 finally:
                     os.close(fd)
                 path, base, parts = target.path or "", 0, ()
+                sender = None
             else:
                 path, base = os.path.join(folder, "piece"), piece.start
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+                sender = _PartSender(path, piece, target, concurrency, checksum)
                 try:
                     os.ftruncate(fd, piece.size)
-                    written = _emit_piece(fd, piece.placements, produce, base)
+                    written = _emit_piece(fd, piece.placements, produce, base, sender.written)
+                except BaseException:
+                    sender.close()
+                    raise
                 finally:
                     os.close(fd)
-            tensors = check_members(ck, files, path, piece.placements, base) if check else 0
-            if target.upload_id is not None:
-                parts = _send_parts(path, piece, target, concurrency, checksum)
+            try:  # the parts go up while the piece is checked; none counts before the commit
+                started = time.perf_counter()
+                tensors = check_members(ck, files, path, piece.placements, base) if check else 0
+                check_seconds = time.perf_counter() - started
+                if sender is not None:
+                    parts = sender.wait()
+            finally:
+                if sender is not None:
+                    sender.close()
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    return _result(piece, files, written, parts, tensors, check)
+    return _result(piece, files, written, parts, tensors, check, check_seconds)
 
 
 def _result(
@@ -349,31 +365,55 @@ def _result(
     parts: tuple[dict[str, Any], ...],
     tensors: int,
     check: bool,
+    check_seconds: float,
 ) -> PieceResult:
     ranks = sum(1 for rel in piece.files() if rel in files) if check else 0
-    return PieceResult(piece.index, written, parts, tuple(piece.files()), tensors, check, ranks)
+    return PieceResult(
+        piece.index, written, parts, tuple(piece.files()), tensors, check, ranks, check_seconds
+    )
 
 
-def _send_parts(
-    path: str, piece: Piece, target: ArchiveTarget, concurrency: int, checksum: str | None
-) -> tuple[dict[str, Any], ...]:
-    """The piece's parts from its spool file ``path``, ``concurrency`` at a time."""
-    assert target.upload_id is not None
-    upload_id = target.upload_id
-    fd = os.open(path, os.O_RDONLY)
+class _PartSender:
+    """Sends a piece's parts from its spool file as soon as the writer has passed each part's
+    end (:meth:`written`), ``concurrency`` at a time."""
 
-    def send(part: tuple[int, int, int]) -> dict[str, Any]:
+    def __init__(
+        self, path: str, piece: Piece, target: ArchiveTarget, concurrency: int, checksum: str | None
+    ) -> None:
+        assert target.upload_id is not None
+        self.piece, self.target, self.checksum = piece, target, checksum
+        self.upload_id = target.upload_id
+        self.fd = os.open(path, os.O_RDONLY)
+        self.pool = ThreadPoolExecutor(max(1, concurrency), thread_name_prefix="ckpt-part")
+        self.futures: list[Future] = []
+        self.next = 0  # the first part not yet sent
+
+    def written(self, position: int) -> None:
+        """The spool file is written up to ``position`` (relative to the piece's start)."""
+        parts = self.piece.parts
+        while self.next < len(parts) and parts[self.next][2] - self.piece.start <= position:
+            self.futures.append(self.pool.submit(self._send, parts[self.next]))
+            self.next += 1
+
+    def _send(self, part: tuple[int, int, int]) -> dict[str, Any]:
         number, start, end = part
-        data = os.pread(fd, end - start, start - piece.start)
+        data = os.pread(self.fd, end - start, start - self.piece.start)
         if len(data) != end - start:
-            raise CkptError(target.url, f"part {number}: the spool file ended early")
-        return upload_part(target.url, upload_id, number, data, checksum)
+            raise CkptError(self.target.url, f"part {number}: the spool file ended early")
+        return upload_part(self.target.url, self.upload_id, number, data, self.checksum)
 
-    try:
-        with ThreadPoolExecutor(max(1, concurrency), thread_name_prefix="ckpt-part") as pool:
-            return tuple(pool.map(send, piece.parts))
-    finally:
-        os.close(fd)
+    def wait(self) -> tuple[dict[str, Any], ...]:
+        if self.next != len(self.piece.parts):
+            raise CkptError(self.target.url, "the piece ended before its last part")
+        return tuple(f.result() for f in self.futures)
+
+    def close(self) -> None:
+        for f in self.futures:
+            f.cancel()
+        self.pool.shutdown(wait=True)
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 @dataclass(frozen=True)

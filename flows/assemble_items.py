@@ -21,7 +21,9 @@ from ckptcore import lineage
 from ckptcore.api import (
     CONFIG_NAME,
     ArchiveTarget,
+    Assembly,
     FetchedCheckpoint,
+    FilePlan,
     MemberData,
     SourceListing,
     Tail,
@@ -116,13 +118,13 @@ def _verified(
     if it ran."""
     items = sum(p.result.ranks_checked for p in pieces) + tail.ranks_checked
     tensors = sum(p.result.tensors_checked for p in pieces) + tail.tensors_checked
-    seconds = sum(p.seconds for p in pieces)
+    seconds = max((p.result.check_seconds for p in pieces), default=0.0)  # they ran side by side
     if check is None:
         info = lineage.VerifyInfo(0.0, tolerance, 0, True, "cpu", "items", items, tensors)
         return Verified(info, seconds)
     logits = verified(check.report, where, check.seconds)
     info = replace(logits.info, method=f"items+{logits.info.method}", items=items, tensors=tensors)
-    return Verified(info, check.seconds)
+    return Verified(info, seconds + check.seconds)
 
 
 @flow(name="assemble-items", validate_parameters=False)
@@ -163,7 +165,12 @@ def assemble_items(
         part_bytes=settings.upload_chunk_bytes(),
         min_part=settings.min_part_bytes(),
     )
-    target = begin_archive(destination, assembly, checksum=settings.upload_checksum())
+    record = start_lineage(listing, fetched, layout, destination)
+    record = replace(record, run=run or record.run)
+    target = begin_archive(
+        destination, assembly, metadata=record.object_metadata(),
+        checksum=settings.upload_checksum(),
+    )  # fmt: skip
     try:
         inputs = piece_inputs(assembly, files, small)
         futures = write_piece.map(
@@ -180,22 +187,12 @@ def assemble_items(
         )
         wait(futures)
         pieces = [f.result() for f in futures]
-        record = start_lineage(listing, fetched, layout, destination)
-        record = replace(record, run=run or record.run)
-        with open_checkpoint(listing.root, checkpoint, cache=cache_dir) as ck:
-
-            def produce(rel: str) -> MemberData:  # rank files too short for a part of their own
-                return small[rel] if rel in small else rank_member(ck, files[rel])
-
-            note = f"assembled in place: {len(pieces)} pieces written by "
-            note += f"{len({p.worker for p in pieces})} worker(s) on {runner}"
-            if runtime.flow_run.id:
-                note += f" (run {runtime.flow_run.name}, {runtime.flow_run.id})"
-            record = replace(record, notes=[*record.notes, note])
-            tail = write_tail(
-                assembly, target, record.to_json().encode(), produce,
-                checksum=settings.upload_checksum(), check=(ck, files) if verify else None,
-            )  # fmt: skip
+        note = f"assembled in place: {len(pieces)} pieces written by "
+        note += f"{len({p.worker for p in pieces})} worker(s) on {runner}"
+        if runtime.flow_run.id:
+            note += f" (run {runtime.flow_run.name}, {runtime.flow_run.id})"
+        record = replace(record, notes=[*record.notes, note])
+        tail = _write_tail(assembly, target, record, listing, cache_dir, files, small, verify)
         check = None
         if verify and target.path is not None:  # a file: readable before it is committed
             check = check_archive.submit(fetched.open_url, target, tolerance).result()
@@ -213,6 +210,31 @@ def assemble_items(
     description += f" (run {runtime.flow_run.name})" if run_id else ""
     create_table_artifact(done.table(), key="work-items", description=description)
     return done
+
+
+def _write_tail(
+    assembly: Assembly,
+    target: ArchiveTarget,
+    record: lineage.LineageRecord,
+    listing: SourceListing,
+    cache_dir: str | None,
+    files: dict[str, FilePlan],
+    small: dict[str, bytes],
+    verify: bool,
+) -> Tail:
+    """The tail from this process: ``lineage.json``, the end of the archive, and the rank files
+    too short for a part of their own (the source is opened only for those)."""
+    trailer = record.to_json().encode()
+    checksum = settings.upload_checksum()
+    if not any(p.rel in files for p in assembly.tail):
+        return write_tail(assembly, target, trailer, small.__getitem__, checksum=checksum)
+    with open_checkpoint(listing.root, listing.checkpoint or "last", cache=cache_dir) as ck:
+
+        def produce(rel: str) -> MemberData:
+            return small[rel] if rel in small else rank_member(ck, files[rel])
+
+        check = (ck, files) if verify else None
+        return write_tail(assembly, target, trailer, produce, checksum=checksum, check=check)
 
 
 def _assembled(

@@ -329,11 +329,18 @@ def _emit_data(emit: Callable[[bytes | memoryview], object], data: MemberData) -
                 emit(block)
 
 
-def write_member_at(fd: int, placement: Placement, data: MemberData, base: int = 0) -> None:
+def write_member_at(
+    fd: int,
+    placement: Placement,
+    data: MemberData,
+    base: int = 0,
+    progress: Callable[[int], object] | None = None,
+) -> None:
     """Write one member (header and data) at its place in the archive open as ``fd``, a file
     already of the archive's size (zeros where nothing is written yet: the padding and the
     end blocks need no writing). ``base``: the archive offset ``fd`` starts at (a file that
-    holds only a piece of the archive)."""
+    holds only a piece of the archive). ``progress``: told the file offset written up to after
+    each chunk."""
     position = placement.offset - base
 
     def emit(chunk: bytes | memoryview) -> None:
@@ -343,6 +350,8 @@ def write_member_at(fd: int, placement: Placement, data: MemberData, base: int =
             n = os.pwrite(fd, view, position)
             position += n
             view = view[n:]
+        if progress is not None:
+            progress(position)
 
     emit(placement.header)
     _emit_data(emit, data)
