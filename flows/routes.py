@@ -193,7 +193,7 @@ def build_assembled(
     target = archive_pending(done.target)  # the run's rollback aborts it from here on
     get_run_logger().info("%s; per worker: %s", done.funnel(), done.worker_bytes())
     packaged = Packaged(target.path or destination, done.size_bytes, done.sha256, done.seconds)
-    files = [] if listing.local else [cache_location(listing, settings.work_dir())]
+    files = _source_copies(listing, settings.work_dir())  # held by this run: let go at the end
     return Built(
         done.fetched, packaged, done.record, files, archive=target, parts=done.parts,
         verified=done.verified,

@@ -77,3 +77,63 @@ def test_a_run_killed_mid_upload_then_a_rerun(s3, work_dir, prefix, sample_facto
     assert_same_archive(
         s3.cat_file(ref.removeprefix("s3://")), s3.cat_file(dest.removeprefix("s3://"))
     )
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_a_run_killed_while_its_workers_assemble_then_a_rerun(
+    s3, work_dir, prefix, sample_factory, monkeypatch, small_parts
+):
+    """The workers write the archive in place (``runner``); the run is killed once parts are
+    stored: the rerun aborts that upload, the killed run's piece folders go, the output is the
+    uninterrupted run's."""
+    import tempfile
+
+    from prefect.settings import PREFECT_API_URL
+
+    monkeypatch.setenv("CKPT_DESTINATION_WAIT", "240")
+    src = f"s3://ckpt-training/{prefix}/checkpoints"
+    sample_factory(s3, src, tp=2, hidden=512, layers=4, heads=8, ffn=2048, img=64, patch=8)
+    key = f"{prefix}/vit.nemo"
+    dest = f"s3://ckpt-models/{key}"
+    ref = f"s3://ckpt-models/{prefix}/ref.nemo"
+    convert_vit(source=src, destination=ref, target_tp=2, target_pp=2)
+
+    code = (
+        "import sys\n"
+        "from flows.convert import convert_vit\n"
+        "convert_vit(source=sys.argv[1], destination=sys.argv[2], target_tp=2, target_pp=2,\n"
+        "            runner='threads:1')\n"
+    )
+    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, src, dest],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 180
+    sent = False
+    while time.monotonic() < deadline and proc.poll() is None and not sent:
+        for upload in _uploads(s3, key):
+            parts = s3.call_s3(
+                "list_parts", Bucket="ckpt-models", Key=key, UploadId=upload["UploadId"]
+            )
+            sent = bool(parts.get("Parts"))
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL and sent, "the run was not caught mid-assembly"
+    assert _uploads(s3, key) and not s3.exists(f"ckpt-models/{key}")  # what the killed run left
+    pieces = Path(tempfile.gettempdir()).glob(f"ckpt-piece-{proc.pid}-*")
+
+    state = convert_vit(
+        source=src, destination=dest, target_tp=2, target_pp=2, runner="threads:1",
+        return_state=True,
+    )  # fmt: skip
+    assert state.is_completed(), state
+    assert _uploads(s3, key) == []
+    assert list(pieces) == []  # the killed run's spool folders were swept by the rerun's
+    assert os.listdir(work_dir) == []
+    assert_same_archive(
+        s3.cat_file(ref.removeprefix("s3://")), s3.cat_file(dest.removeprefix("s3://"))
+    )
