@@ -454,9 +454,16 @@ def test_plan_estimate_and_its_options(inputs) -> None:
     assert [e["seconds"] for e in fast["estimates"]] == pytest.approx(
         [e["seconds"] / 4 for e in base]
     )
-    assert "8 workers at 4 GB/s each" in ok(
-        "plan", "tiny", "--estimate", "--gbps", "4", "--workers-list", "8"
-    )
+    text = ok("plan", "tiny", "--estimate", "--gbps", "4", "--workers-list", "8")
+    assert "each worker and the flow moving 4 GB/s" in text and "8 workers: items" in text
+    # end to end: in place adds only what the flow writes (the tail); staged adds the package
+    # and the upload of every output byte through the flow's process
+    e, written = fast["estimates"][0], sum(i["write_bytes"] for i in fast["items"])
+    assert e["flow_bytes"] > written  # a model too small for an S3 part: the flow writes it
+    big = ok_json("plan", "vit-70b", "--estimate", "--source-tp", "8", "--target-tp", "4")
+    assert 0 < big["estimates"][0]["flow_bytes"] < 64 << 10  # the tail alone
+    assert e["in_place_seconds"] == pytest.approx(e["seconds"] + e["flow_bytes"] / 4e9)
+    assert e["staged_seconds"] == pytest.approx(e["seconds"] + 2 * written / 4e9)
 
 
 def test_plan_refuses_options_of_the_other_mode(inputs) -> None:

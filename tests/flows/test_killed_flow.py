@@ -28,10 +28,35 @@ def _uploads(s3, key: str) -> list[dict]:
     return [u for u in reply.get("Uploads", []) if u["Key"] == key]
 
 
-@pytest.mark.usefixtures("prefect_api")
-def test_a_run_killed_mid_upload_then_a_rerun(s3, work_dir, prefix, sample_factory, monkeypatch):
+def _killed_once_parts_are_stored(s3, key: str, code: str, *args: str) -> int:
+    """Run ``code`` in a new process (the test's Prefect API, this checkout) and SIGKILL it as
+    soon as the multipart upload to ``key`` has a stored part; its pid."""
     from prefect.settings import PREFECT_API_URL
 
+    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, *args],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 180
+    sent = False
+    while time.monotonic() < deadline and proc.poll() is None and not sent:
+        for upload in _uploads(s3, key):
+            parts = s3.call_s3(
+                "list_parts", Bucket="ckpt-models", Key=key, UploadId=upload["UploadId"]
+            )
+            sent = bool(parts.get("Parts"))
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL and sent, "the run was not caught mid-upload"
+    return proc.pid
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_a_run_killed_mid_upload_then_a_rerun(s3, work_dir, prefix, sample_factory, monkeypatch):
     monkeypatch.setenv("CKPT_UPLOAD_CHUNK_BYTES", str(PART))
     monkeypatch.setenv("CKPT_DESTINATION_WAIT", "240")  # fail, not hang, if the hold stayed
     src = f"s3://ckpt-training/{prefix}/checkpoints"
@@ -48,25 +73,7 @@ def test_a_run_killed_mid_upload_then_a_rerun(s3, work_dir, prefix, sample_facto
         "from flows.convert import convert_vit\n"
         "convert_vit(source=sys.argv[1], destination=sys.argv[2], target_tp=1)\n"
     )
-    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code, src, dest],
-        env=env,
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 180
-    sent = False
-    while time.monotonic() < deadline and proc.poll() is None and not sent:
-        for upload in _uploads(s3, key):
-            parts = s3.call_s3(
-                "list_parts", Bucket="ckpt-models", Key=key, UploadId=upload["UploadId"]
-            )
-            sent = bool(parts.get("Parts"))
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL and sent, "the run was not caught mid-upload"
+    _killed_once_parts_are_stored(s3, key, code, src, dest)
     assert _uploads(s3, key) and not s3.exists(f"ckpt-models/{key}")  # what the killed run left
     assert any(n.startswith("package-") for n in os.listdir(work_dir))
 
@@ -88,8 +95,6 @@ def test_a_run_killed_while_its_workers_assemble_then_a_rerun(
     uninterrupted run's."""
     import tempfile
 
-    from prefect.settings import PREFECT_API_URL
-
     monkeypatch.setenv("CKPT_DESTINATION_WAIT", "240")
     src = f"s3://ckpt-training/{prefix}/checkpoints"
     sample_factory(s3, src, tp=2, hidden=512, layers=4, heads=8, ffn=2048, img=64, patch=8)
@@ -104,27 +109,9 @@ def test_a_run_killed_while_its_workers_assemble_then_a_rerun(
         "convert_vit(source=sys.argv[1], destination=sys.argv[2], target_tp=2, target_pp=2,\n"
         "            runner='threads:1')\n"
     )
-    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code, src, dest],
-        env=env,
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 180
-    sent = False
-    while time.monotonic() < deadline and proc.poll() is None and not sent:
-        for upload in _uploads(s3, key):
-            parts = s3.call_s3(
-                "list_parts", Bucket="ckpt-models", Key=key, UploadId=upload["UploadId"]
-            )
-            sent = bool(parts.get("Parts"))
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL and sent, "the run was not caught mid-assembly"
+    pid = _killed_once_parts_are_stored(s3, key, code, src, dest)
     assert _uploads(s3, key) and not s3.exists(f"ckpt-models/{key}")  # what the killed run left
-    pieces = Path(tempfile.gettempdir()).glob(f"ckpt-piece-{proc.pid}-*")
+    pieces = Path(tempfile.gettempdir()).glob(f"ckpt-piece-{pid}-*")
 
     state = convert_vit(
         source=src, destination=dest, target_tp=2, target_pp=2, runner="threads:1",
