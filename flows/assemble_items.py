@@ -71,10 +71,7 @@ class Assembled:
         return out
 
     def note(self, runner: str) -> str:
-        return (
-            f"assembled in place: {len(self.pieces)} pieces written by "
-            f"{len(self.worker_bytes())} worker(s) on {runner}"
-        )
+        return assembled_note(list(self.pieces), runner)
 
     def funnel(self) -> str:
         share = self.flow_bytes / self.size_bytes if self.size_bytes else 0.0
@@ -105,6 +102,12 @@ class Assembled:
             }
         )
         return rows
+
+
+def assembled_note(pieces: list[PieceReport], runner: str) -> str:
+    """The lineage note of an archive the workers assembled."""
+    workers = len({p.worker for p in pieces})
+    return f"assembled in place: {len(pieces)} pieces written by {workers} worker(s) on {runner}"
 
 
 def _verified(
@@ -187,8 +190,7 @@ def assemble_items(
         )
         wait(futures)
         pieces = [f.result() for f in futures]
-        note = f"assembled in place: {len(pieces)} pieces written by "
-        note += f"{len({p.worker for p in pieces})} worker(s) on {runner}"
+        note = assembled_note(pieces, runner)
         if runtime.flow_run.id:
             note += f" (run {runtime.flow_run.name}, {runtime.flow_run.id})"
         record = replace(record, notes=[*record.notes, note])
