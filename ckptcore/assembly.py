@@ -43,6 +43,7 @@ from ckptcore.formats.nemo import (
     write_member_at,
 )
 from ckptcore.multipart import (
+    MAX_PARTS,
     MIN_PART_BYTES,
     abort_upload,
     complete_upload,
@@ -523,8 +524,11 @@ def assembly_for(
     raised to fit S3's 10,000 parts) for ``s3://``, one piece per rank file otherwise."""
     if not is_s3(url):
         return plan_assembly(sizes, work)
-    part = part_size_for(sum(sizes.values()), part_bytes)
-    return plan_assembly(sizes, work, part_bytes=max(part, min_part), min_part=min_part)
+    total = sum(sizes.values())
+    part = part_size_for(total, part_bytes)
+    # pieces of many small rank files: long enough that all fit in S3's 10,000 parts
+    minimum = max(min_part, -(-total // (MAX_PARTS - 1000)))
+    return plan_assembly(sizes, work, part_bytes=max(part, minimum), min_part=minimum)
 
 
 __all__ = [

@@ -217,3 +217,15 @@ def test_an_aborted_upload_leaves_nothing(source, s3):
     assembly.abort_archive(target)
     assert not s3.exists(url)
     assert s3.call_s3("list_multipart_uploads", Bucket="assembled").get("Uploads", []) == []
+
+
+def test_many_small_rank_files_still_fit_in_the_stores_parts():
+    work = [
+        f"tp_rank_{t:02d}_pp_rank_{p:03d}/model_weights.ckpt"
+        for t in range(100)
+        for p in range(150)
+    ]
+    sizes = {rel: 6 << 20 for rel in work}  # 15,000 rank files of 6 MiB: 88 GiB
+    plan = assembly.assembly_for("s3://b/big.nemo", sizes, work)
+    assert plan.tail_part <= 10_000
+    assert all(piece.size >= 5 << 20 for piece in plan.pieces)
