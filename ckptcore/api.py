@@ -11,9 +11,9 @@ module of ckptcore (besides the records in ``lineage``, ``errors`` and ``setting
 - plan: ``plan_conversion``, ``work_items``, ``estimate``
 - write: ``write_rank_files``, ``nemo_members``, ``write_work_item``, ``member_at``,
   ``package_nemo``, ``write_nemo_file``, ``FollowingDigest``
-- assemble in place (:mod:`ckptcore.assembly`): ``assembly_for``, ``begin_archive``,
-  ``write_piece``, ``write_tail``, ``commit_archive``, ``abort_archive``, ``rank_member``,
-  ``composite_crc32``
+- assemble in place (:mod:`ckptcore.assembly`): ``headers_only`` (plan without reading
+  records' places), ``plan_sizes``, ``assembly_for``, ``begin_archive``, ``write_piece``,
+  ``write_tail``, ``commit_archive``, ``abort_archive``, ``rank_member``, ``composite_crc32``
 - verify: ``verify``, ``same_weights``, ``sample_images`` (``verify_process`` runs it ahead of
   time in a child process)
 - publish: ``put_file``, ``put_bytes``, ``FollowingUpload``, ``check_destination``, ``lock_file``,
@@ -39,6 +39,7 @@ from ckptcore.assembly import (
     assembly_for,
     begin_archive,
     commit_archive,
+    plan_sizes,
     rank_member,
     write_piece,
     write_tail,
@@ -95,7 +96,7 @@ from ckptcore.output import (
     staging_folder,
 )
 from ckptcore.plan import FilePlan, Plan, build_plan
-from ckptcore.sources import Checkpoint, open_checkpoint
+from ckptcore.sources import Checkpoint, headers_only, open_checkpoint
 from ckptcore.storage import (
     RangeCache,
     etag_of,
@@ -119,7 +120,7 @@ __all__ = [
     # the pipeline's steps (the module docstring lists them by step)
     "abort_archive", "abort_incomplete_uploads", "ArchiveTarget", "archive_layout", "Assembly",
     "assembly_for", "begin_archive", "commit_archive", "composite_crc32", "Piece", "PieceResult",
-    "rank_member", "Tail", "write_piece", "write_tail", "cache_location", "changed_since_listed",
+    "headers_only", "plan_sizes", "rank_member", "Tail", "write_piece", "write_tail", "cache_location", "changed_since_listed",
     "check_destination", "check_unchanged", "Checkpoint", "CONFIG_NAME", "default_destination",
     "describe_source", "dump_config", "estimate", "etag_of", "fetch_checkpoint", "fetch_location",
     "fetched_is_present", "FetchedCheckpoint", "FilePlan", "find_checkpoint", "FollowingDigest",

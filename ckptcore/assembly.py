@@ -56,6 +56,7 @@ from ckptcore.output import destination_lock, process_folder, remove_stale
 from ckptcore.plan import FilePlan
 from ckptcore.sources import Checkpoint, open_checkpoint, torch_rank
 from ckptcore.storage import LocalFile, SubRange, is_local, local_path
+from ckptcore.workplan import file_reads
 
 
 @dataclass(frozen=True)
@@ -214,6 +215,7 @@ class PieceResult:
     checked: bool = False
     ranks_checked: int = 0  # rank files among the members, read back and compared
     check_seconds: float = 0.0
+    read_bytes: int = 0  # source bytes its rank files' plan reads
 
 
 def _emit_piece(
@@ -231,6 +233,11 @@ def _emit_piece(
     if progress is not None:
         progress(placements[-1].end - base if placements else 0)  # the padding: zeros already
     return written
+
+
+def plan_sizes(files: list[FilePlan]) -> dict[str, int]:
+    """Each target rank file's exact size, from the plan alone (no source byte is read)."""
+    return {fp.path: file_layout(fp).size for fp in files}
 
 
 def rank_member(ck: Checkpoint, fp: FilePlan) -> MemberSource:
@@ -354,9 +361,15 @@ def write_piece(
             finally:
                 if sender is not None:
                     sender.close()
+            reads = sum(_read_bytes(ck, fp) for fp in files.values())
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    return _result(piece, files, written, parts, tensors, check, check_seconds)
+    return _result(piece, files, written, parts, tensors, check, check_seconds, reads)
+
+
+def _read_bytes(ck: Checkpoint, fp: FilePlan) -> int:
+    ranges, produced = file_reads(ck, fp)
+    return sum(n for _, _, n in ranges) + produced
 
 
 def _result(
@@ -367,11 +380,13 @@ def _result(
     tensors: int,
     check: bool,
     check_seconds: float,
+    read_bytes: int,
 ) -> PieceResult:
     ranks = sum(1 for rel in piece.files() if rel in files) if check else 0
     return PieceResult(
-        piece.index, written, parts, tuple(piece.files()), tensors, check, ranks, check_seconds
-    )
+        piece.index, written, parts, tuple(piece.files()), tensors, check, ranks, check_seconds,
+        read_bytes,
+    )  # fmt: skip
 
 
 class _PartSender:
@@ -543,6 +558,7 @@ __all__ = [
     "check_members",
     "commit_archive",
     "plan_assembly",
+    "plan_sizes",
     "rank_member",
     "write_piece",
     "write_tail",

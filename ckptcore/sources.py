@@ -9,10 +9,12 @@ ordered state dict whose values are :class:`TensorRef` (not read yet) or ``None`
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -201,10 +203,29 @@ def torch_rank(src: ByteSource, tp_rank: int, pp_rank: int) -> SourceRank:
     return _torch_rank(src, tp_rank, pp_rank)[0]
 
 
-def _torch_rank(src: ByteSource, tp_rank: int, pp_rank: int) -> tuple[SourceRank, Any]:
+_LOCATE_AHEAD: ContextVar[bool] = ContextVar("ckpt_locate_ahead", default=True)
+
+
+@contextlib.contextmanager
+def headers_only() -> Iterator[None]:
+    """Checkpoints opened inside read their zip directories and pickles (names, dtypes, shapes:
+    enough to plan) but not every record's local header ahead of time, which for a source in
+    object storage costs a few MB of ranged reads; a record's place asked for later costs a
+    request of its own."""
+    token = _LOCATE_AHEAD.set(False)
+    try:
+        yield
+    finally:
+        _LOCATE_AHEAD.reset(token)
+
+
+def _torch_rank(
+    src: ByteSource, tp_rank: int, pp_rank: int, locate: bool | None = None
+) -> tuple[SourceRank, Any]:
     tf = TorchFile(src)
     sd = state_dict_of(tf.obj, src.name)
-    tf.locate([v for v in sd.values() if isinstance(v, TensorRef)])
+    if _LOCATE_AHEAD.get() if locate is None else locate:
+        tf.locate([v for v in sd.values() if isinstance(v, TensorRef)])
     meta = _check_metadata(getattr(sd, "_metadata", None), src.name)
     return SourceRank(tp_rank, pp_rank, src.name, sd, meta, tf.tensor, tf.span, tf.notes), tf.obj
 
@@ -216,11 +237,13 @@ def _open_ranks(
     are opened concurrently: each takes a few round trips, which then overlap; the first
     failure in rank order is raised, with every file opened so far closed again."""
 
+    locate = _LOCATE_AHEAD.get()  # the pool's threads do not see this context
+
     def one(item: tuple[tuple[int, int], str]) -> tuple[ByteSource, SourceRank, Any]:
         rank, url = item
         src = open_guarded(url, cache)
         try:
-            return (src, *_torch_rank(src, *rank))
+            return (src, *_torch_rank(src, *rank, locate=locate))
         except BaseException:
             src.close()
             raise

@@ -46,20 +46,26 @@ def _merge(ranges: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
     return out
 
 
+def file_reads(ck: Checkpoint, fp: FilePlan) -> tuple[list[tuple[str, int, int]], int]:
+    """The source byte ranges the target rank file ``fp`` reads (merged where adjacent), and
+    its bytes from computed or in-memory sources (counted as what they produce)."""
+    ranges: list[tuple[str, int, int]] = []
+    unknown = 0
+    for tt in fp.tensors:
+        spans = planned_reads(ck, tt)
+        if tt.spec is not None and not spans:
+            unknown += tt.nbytes
+        for span in spans:
+            base = getattr(span.src, "base", 0)
+            name = getattr(getattr(span.src, "parent", None), "name", None) or span.src.name
+            ranges.append((name, base + span.offset, span.length))
+    return _merge(ranges), unknown
+
+
 def work_items(ck: Checkpoint, plan: Plan, with_ranges: bool = True) -> list[WorkItem]:
     items = []
     for fp in plan.files:
-        ranges: list[tuple[str, int, int]] = []
-        unknown = 0
-        for tt in fp.tensors:
-            spans = planned_reads(ck, tt)
-            if tt.spec is not None and not spans:
-                unknown += tt.nbytes  # computed or in-memory sources: counted as what they produce
-            for span in spans:
-                base = getattr(span.src, "base", 0)
-                name = getattr(getattr(span.src, "parent", None), "name", None) or span.src.name
-                ranges.append((name, base + span.offset, span.length))
-        merged = _merge(ranges)
+        merged, unknown = file_reads(ck, fp)
         items.append(
             WorkItem(
                 path=fp.path,

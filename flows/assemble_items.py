@@ -32,11 +32,12 @@ from ckptcore.api import (
     begin_archive,
     cache_location,
     dump_config,
+    headers_only,
     locate_checkpoint,
     open_checkpoint,
     plan_conversion,
+    plan_sizes,
     rank_member,
-    work_items,
     write_tail,
 )
 from tasks import settings
@@ -83,7 +84,7 @@ class Assembled:
                 "task": "write-piece",
                 "what": ", ".join(p.result.members),
                 "worker": p.worker,
-                "read_bytes": p.read_bytes,
+                "read_bytes": p.result.read_bytes,
                 "write_bytes": p.result.written_bytes,
                 "tensors_checked": p.result.tensors_checked,
                 "seconds": round(p.seconds, 3),
@@ -143,7 +144,7 @@ def assemble_items(
     run: lineage.RunInfo | None = None,
     cache_dir: str | None = None,
 ) -> Assembled:
-    """Plan here (reading only the source's headers), open the archive, map ``write-piece``
+    """Plan here (reading only the source's zip directories and pickles), open the archive, map ``write-piece``
     over its pieces, write the tail, run the logit check on a worker where the archive is a
     file. A failure aborts the archive. ``runner`` only names the runner in the record;
     ``with_options(task_runner=...)`` chooses it. ``run``: the calling run, named in the
@@ -152,15 +153,12 @@ def assemble_items(
     start = time.perf_counter()
     checkpoint = listing.checkpoint or "last"
     fetched = locate_checkpoint(listing, settings.work_dir())
-    with open_checkpoint(listing.root, checkpoint, cache=cache_dir) as ck:
+    with headers_only(), open_checkpoint(listing.root, checkpoint, cache=cache_dir) as ck:
         plan = plan_conversion(ck, target_tp, target_pp, precision)
-        items = work_items(ck, plan, with_ranges=False)
         layout = lineage.Layout.of(ck, plan)
     files = {fp.path: fp for fp in plan.files}
     small = {CONFIG_NAME: dump_config(plan.config)}
-    sizes = {CONFIG_NAME: len(small[CONFIG_NAME])}
-    sizes.update({w.path: w.write_bytes for w in items})  # each rank file's exact size
-    planned = {w.path: w.read_bytes for w in items}
+    sizes = {CONFIG_NAME: len(small[CONFIG_NAME]), **plan_sizes(plan.files)}
     assembly = assembly_for(
         destination,
         sizes,
@@ -184,7 +182,6 @@ def assemble_items(
             [s for _, s in inputs],
             list(assembly.pieces),
             unmapped(target),
-            [sum(planned[r] for r in f) for f, _ in inputs],
             unmapped(verify),
             unmapped(cache_dir),
         )

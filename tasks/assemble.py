@@ -53,7 +53,6 @@ class PieceReport:
     """One written piece, and who wrote it how fast."""
 
     result: PieceResult
-    read_bytes: int  # source bytes the plan reads for its rank files
     worker: str
     seconds: float
     started: float  # time.time() when the task began (to line pieces up across workers)
@@ -69,7 +68,6 @@ def write_piece(
     small: dict[str, bytes],
     piece: Piece,
     target: ArchiveTarget,
-    read_bytes: int = 0,
     check: bool = True,
     cache_dir: str | None = None,
 ) -> PieceReport:
@@ -92,9 +90,8 @@ def write_piece(
         cache=cache_dir,
     )
     report = PieceReport(
-        result, read_bytes, worker_identity(), time.perf_counter() - start, started,
-        peak_rss_bytes(),
-    )  # fmt: skip
+        result, worker_identity(), time.perf_counter() - start, started, peak_rss_bytes()
+    )
     get_run_logger().info(
         "piece %d (%s): %s bytes written%s in %.2f s on %s",
         piece.index,

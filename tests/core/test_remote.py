@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -320,3 +321,42 @@ def test_a_range_cache_entry_closed_while_in_use_closes_when_the_user_is_done(tm
     assert entry.stored_bytes() == 0
     with pytest.raises(CkptError, match="closed"):
         entry.read(0, 4)
+
+
+def test_headers_only_plans_with_fewer_bytes_and_finds_records_later(s3_url, tmp_path) -> None:
+    """Opened to plan (``headers_only``), a training checkpoint in S3 costs its zip directories
+    and pickles, not every record's local header; a record's place asked for later is the one
+    an eager open finds."""
+    from ckptcore.sources import headers_only
+
+    fs = s3_url
+    local = tmp_path / "ck"
+    write_training_checkpoint(str(local), vit_config("small"), tp=2, optimizer=True)
+    fs.put(str(local) + "/", "ckpts/plan/", recursive=True)
+    read: dict[str, int] = {}
+    original = RemoteFile.__init__
+
+    for mode in ("eager", "headers"):
+        opened: list[RemoteFile] = []
+
+        def spy(self, *a, _opened=opened, **kw):
+            original(self, *a, **kw)
+            _opened.append(self)
+
+        RemoteFile.__init__ = spy
+        try:
+            with headers_only() if mode == "headers" else contextlib.nullcontext():
+                ck = open_checkpoint("s3://ckpts/plan")
+            read[mode] = sum(f.bytes_read for f in opened)
+            spans = {
+                (rank, key): (s.offset, s.length)
+                for rank, r in ck.ranks.items()
+                for key in r.state
+                if (s := r.span(key)) is not None
+            }
+            ck.close()
+        finally:
+            RemoteFile.__init__ = original
+        read[mode + "-spans"] = spans  # type: ignore[assignment]
+    assert read["headers"] < 0.8 * read["eager"], read  # the local headers not read
+    assert read["headers-spans"] == read["eager-spans"] and read["eager-spans"]

@@ -86,7 +86,7 @@ def test_dask_local_cluster_output_equals_the_one_process_run(
     assert set(ranks) - set(members) <= {ranks[-1]}  # the last may ride with the tail
     workers = {r["worker"] for r in pieces}
     assert len(workers) == 2 and all(w.startswith("tcp://127.0.0.1:") for w in workers), workers
-    assert all(r["tensors_checked"] > 0 for r in pieces)
+    assert all(r["tensors_checked"] > 0 and r["read_bytes"] > 0 for r in pieces)
     (tail,) = [r for r in rows if r["task"] == "write-tail"]
     assert tail["worker"] == "flow" and tail["write_bytes"] < len(b) / 3
 
