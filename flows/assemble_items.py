@@ -195,15 +195,12 @@ def assemble_items(
         check = None
         if verify and target.path is not None:  # a file: readable before it is committed
             check = check_archive.submit(fetched.open_url, target, tolerance).result()
-    except BaseException:
+        checked = _verified(pieces, tail, check, tolerance, destination) if verify else None
+    except BaseException:  # a failed piece, tail or check: nothing appears at the destination
         abort_archive(target)
         raise
     done = _assembled(target, pieces, record, fetched, tail, small, start)
-    done = replace(
-        done,
-        verified=_verified(pieces, tail, check, tolerance, destination) if verify else None,
-        sha256=check.sha256 if check is not None else None,
-    )
+    done = replace(done, verified=checked, sha256=check.sha256 if check is not None else None)
     run_id = runtime.flow_run.id
     description = f"{done.note(runner)}; {done.funnel()}"
     description += f" (run {runtime.flow_run.name})" if run_id else ""

@@ -118,6 +118,46 @@ def test_failed_verify_uploads_nothing(s3, work_dir, prefix, sample_factory, mon
 
 
 @pytest.mark.usefixtures("prefect_api")
+@pytest.mark.parametrize("where", ["s3", "folder"])
+def test_a_wrong_byte_in_a_piece_is_caught_where_it_was_written(
+    s3, work_dir, prefix, sample_factory, monkeypatch, small_parts, tmp_path, where
+):
+    """The workers write the archive in place (``runner``); a piece whose rank file comes out
+    one head weight off fails its own check, and nothing appears at the destination: no
+    object, no open upload, no work file beside a local destination."""
+    import ckptcore.assembly
+    from ckptcore.formats.nemo import MemberSource
+
+    src = f"s3://ckpt-training/{prefix}/checkpoints"
+    sample_factory(s3, src, tp=2)
+    out = tmp_path / "out"
+    dest = f"s3://ckpt-models/{prefix}/vit.nemo" if where == "s3" else str(out / "vit.nemo")
+    real = ckptcore.assembly.rank_member
+
+    def buggy_rank_member(ck, fp):
+        good = real(ck, fp)
+
+        def produce(sink) -> None:
+            chunks: list[bytes] = []
+            good.write(lambda data: chunks.append(bytes(data)))
+            sink(_nudge_head_weight(b"".join(chunks)))
+
+        return MemberSource(good.size, produce)
+
+    monkeypatch.setattr(ckptcore.assembly, "rank_member", buggy_rank_member)
+    state = convert_vit(
+        source=src, destination=dest, target_tp=1, runner="threads:1", return_state=True
+    )
+    assert state.is_failed()
+    with pytest.raises(Exception, match="dense_out.weight.*differs from its source slice"):
+        state.result()
+    assert s3.find(f"ckpt-models/{prefix}") == []
+    pending = s3.call_s3("list_multipart_uploads", Bucket="ckpt-models", Prefix=prefix)
+    assert pending.get("Uploads", []) == []
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+@pytest.mark.usefixtures("prefect_api")
 def test_s3_errors_during_upload_are_retried_and_the_result_is_complete(
     s3, proxy, work_dir, prefix, sample_factory, monkeypatch
 ):
