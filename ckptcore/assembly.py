@@ -31,7 +31,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from ckptcore.engine import file_layout, make_tensor, tensor_bits, write_rank
+from ckptcore.engine import file_layout, file_reads, make_tensor, tensor_bits, write_rank
 from ckptcore.errors import CkptError, write_error
 from ckptcore.formats.nemo import (
     TRAILER,
@@ -56,7 +56,6 @@ from ckptcore.output import destination_lock, process_folder, remove_stale
 from ckptcore.plan import FilePlan
 from ckptcore.sources import Checkpoint, open_checkpoint, torch_rank
 from ckptcore.storage import LocalFile, SubRange, is_local, local_path
-from ckptcore.workplan import file_reads
 
 
 @dataclass(frozen=True)

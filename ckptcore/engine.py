@@ -258,6 +258,34 @@ def planned_reads(ck: Checkpoint, tt: TargetTensor) -> list[Span]:
     return spans
 
 
+def merge_ranges(ranges: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
+    """(file, offset, length) ranges sorted, adjacent or overlapping ones merged."""
+    out: list[tuple[str, int, int]] = []
+    for name, off, n in sorted(ranges):
+        if out and out[-1][0] == name and out[-1][1] + out[-1][2] >= off:
+            end = max(out[-1][1] + out[-1][2], off + n)
+            out[-1] = (name, out[-1][1], end - out[-1][1])
+        else:
+            out.append((name, off, n))
+    return out
+
+
+def file_reads(ck: Checkpoint, fp: FilePlan) -> tuple[list[tuple[str, int, int]], int]:
+    """The source byte ranges the target rank file ``fp`` reads (merged where adjacent), and
+    its bytes from computed or in-memory sources (counted as what they produce)."""
+    ranges: list[tuple[str, int, int]] = []
+    unknown = 0
+    for tt in fp.tensors:
+        spans = planned_reads(ck, tt)
+        if tt.spec is not None and not spans:
+            unknown += tt.nbytes
+        for span in spans:
+            base = getattr(span.src, "base", 0)
+            name = getattr(getattr(span.src, "parent", None), "name", None) or span.src.name
+            ranges.append((name, base + span.offset, span.length))
+    return merge_ranges(ranges), unknown
+
+
 def announce_reads(ck: Checkpoint, fp: FilePlan) -> None:
     """Tell remote sources which ranges this file will read, so they fetch ahead."""
     by_source: dict[int, tuple[object, list[tuple[int, int]]]] = {}

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from ckptcore.engine import file_layout, planned_reads, write_file, write_rank
+from ckptcore.engine import file_layout, file_reads, write_file, write_rank
 from ckptcore.errors import CkptError
 from ckptcore.plan import FilePlan, Plan
 from ckptcore.sources import Checkpoint, open_checkpoint
@@ -33,33 +33,6 @@ class WorkItem:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _merge(ranges: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
-    out: list[tuple[str, int, int]] = []
-    for name, off, n in sorted(ranges):
-        if out and out[-1][0] == name and out[-1][1] + out[-1][2] >= off:
-            end = max(out[-1][1] + out[-1][2], off + n)
-            out[-1] = (name, out[-1][1], end - out[-1][1])
-        else:
-            out.append((name, off, n))
-    return out
-
-
-def file_reads(ck: Checkpoint, fp: FilePlan) -> tuple[list[tuple[str, int, int]], int]:
-    """The source byte ranges the target rank file ``fp`` reads (merged where adjacent), and
-    its bytes from computed or in-memory sources (counted as what they produce)."""
-    ranges: list[tuple[str, int, int]] = []
-    unknown = 0
-    for tt in fp.tensors:
-        spans = planned_reads(ck, tt)
-        if tt.spec is not None and not spans:
-            unknown += tt.nbytes
-        for span in spans:
-            base = getattr(span.src, "base", 0)
-            name = getattr(getattr(span.src, "parent", None), "name", None) or span.src.name
-            ranges.append((name, base + span.offset, span.length))
-    return _merge(ranges), unknown
 
 
 def work_items(ck: Checkpoint, plan: Plan, with_ranges: bool = True) -> list[WorkItem]:
