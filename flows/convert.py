@@ -83,10 +83,10 @@ def convert_vit(
         scratch_url: where the repartition deployment leaves its files (default
             ``CKPT_SCRATCH_URL``); in the mapped route, where the items write theirs unless
             ``CKPT_STAGING_URL`` is set.
-        runner: map the repartition over the plan's work items (one task per target rank
-            file) on ``threads[:N]``, ``dask`` (a LocalCluster of ``CKPT_RUNNER_WORKERS``
-            processes), ``dask://host:8786`` (a running scheduler), ``ray`` or
-            ``ray://host:10001``; unset or ``inline``: one process.
+        runner: spread the work over tasks (see ``assemble``) on ``threads[:N]``, ``dask``
+            (a LocalCluster of ``CKPT_RUNNER_WORKERS`` processes), ``dask://host:8786`` (a
+            running scheduler), ``ray`` or ``ray://host:10001``; unset or ``inline``: one
+            process.
         repartition: ``deployment`` hands repartitioning to the ``repartition/vit`` deployment
             (``CKPT_REPARTITION_DEPLOYMENT``), ``inline`` does it in this run, ``auto``: the
             deployment when this run is deployed.
