@@ -25,7 +25,6 @@ from __future__ import annotations
 import os
 import shutil
 import time
-import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -52,7 +51,13 @@ from ckptcore.multipart import (
     part_size_for,
     upload_part,
 )
-from ckptcore.output import destination_lock, process_folder, remove_stale
+from ckptcore.output import (
+    destination_lock,
+    fsync_dir,
+    new_work_file,
+    process_folder,
+    remove_stale,
+)
 from ckptcore.plan import FilePlan
 from ckptcore.sources import Checkpoint, open_checkpoint, torch_rank
 from ckptcore.storage import LocalFile, SubRange, is_local, local_path
@@ -184,7 +189,7 @@ def begin_archive(
         os.makedirs(parent, exist_ok=True)
         with destination_lock(url):
             remove_stale(final)
-        path = os.path.join(parent, f".{os.path.basename(final)}.tmp-{uuid.uuid4().hex[:8]}")
+        path = new_work_file(final)
         with open(path, "wb") as f:
             f.truncate(assembly.tail_start)
     except OSError as exc:
@@ -506,11 +511,7 @@ def commit_archive(target: ArchiveTarget, parts: list[dict[str, Any]]) -> None:
     try:
         with destination_lock(target.url):
             os.replace(target.path, final)
-            fd = os.open(os.path.dirname(final), os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_dir(os.path.dirname(final))
     except OSError as exc:
         raise write_error(target.url, "cannot write", exc) from None
 

@@ -159,7 +159,16 @@ def remove_stale(final: str) -> list[str]:
     return removed
 
 
-def _fsync_dir(path: str) -> None:
+def new_work_file(final: str) -> str:
+    """A fresh work file name beside the local destination ``final`` (the pattern
+    :func:`work_files` matches, so a killed writer's is removed by the next)."""
+    return os.path.join(
+        os.path.dirname(final), f".{os.path.basename(final)}.tmp-{uuid.uuid4().hex[:8]}"
+    )
+
+
+def fsync_dir(path: str) -> None:
+    """Make a rename in the folder ``path`` durable (best effort)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     except OSError:
@@ -193,11 +202,11 @@ def atomic_output(dest: str, sources: list[str] = (), overwrite: bool = False) -
     with destination_lock(dest):
         check_destination(dest, list(sources), overwrite)  # another run may have committed
         remove_stale(final)
-        tmp = os.path.join(parent, f".{os.path.basename(final)}.tmp-{uuid.uuid4().hex[:8]}")
+        tmp = new_work_file(final)
         try:
             yield tmp
             os.replace(tmp, final)
-            _fsync_dir(parent)
+            fsync_dir(parent)
         except OSError as exc:
             if exc.filename and os.path.abspath(str(exc.filename)) not in (tmp, final):
                 # another file failed (an input being read): name it, not the destination

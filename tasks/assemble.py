@@ -12,7 +12,6 @@ archive in the run's transaction until ``commit-archive`` makes it visible; a ro
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass
 
@@ -21,7 +20,7 @@ from prefect.cache_policies import NONE
 from prefect.logging import get_run_logger
 from prefect.transactions import Transaction, get_transaction
 
-from ckptcore import api
+from ckptcore import api, lineage
 from ckptcore.api import ArchiveTarget, Assembly, FilePlan, Piece, PieceResult
 from tasks import settings
 from tasks.items import SourceObject, check_unchanged, peak_rss_bytes, worker_identity
@@ -121,11 +120,8 @@ def check_archive(source: str, target: ArchiveTarget, tolerance: float) -> Archi
     assert target.path is not None
     start = time.perf_counter()
     report = api.verify(source, target.path, tolerance=tolerance, images=settings.verify_images())
-    digest = hashlib.sha256()
-    with open(target.path, "rb") as f:
-        while block := f.read(8 << 20):
-            digest.update(block)
-    return ArchiveCheck(report, digest.hexdigest(), worker_identity(), time.perf_counter() - start)
+    digest = lineage.sha256_file(target.path)
+    return ArchiveCheck(report, digest, worker_identity(), time.perf_counter() - start)
 
 
 def piece_inputs(
