@@ -53,16 +53,29 @@ class Assembled:
     lineage record it holds, the checks that ran, and who wrote how many bytes."""
 
     target: ArchiveTarget
-    parts: tuple[dict, ...]
     record: lineage.LineageRecord
     fetched: FetchedCheckpoint
-    size_bytes: int
     pieces: tuple[PieceReport, ...]
     tail: Tail
-    flow_bytes: int  # archive bytes this process produced (the tail, the small members)
+    small_bytes: int  # small members (the config) this process handed to pieces
     verified: Verified | None
     sha256: str | None  # a file archive's, taken where the logit check ran
     seconds: float
+
+    @property
+    def parts(self) -> tuple[dict, ...]:
+        """Every part of its upload (``s3://``), the tail's last."""
+        parts = tuple(part for p in self.pieces for part in p.result.parts)
+        return parts + ((self.tail.part,) if self.tail.part is not None else ())
+
+    @property
+    def size_bytes(self) -> int:
+        return self.tail.size_bytes
+
+    @property
+    def flow_bytes(self) -> int:
+        """Archive bytes this process produced: the tail, and the small members."""
+        return self.tail.written_bytes + self.small_bytes
 
     def worker_bytes(self) -> dict[str, int]:
         """Archive bytes written per worker."""
@@ -199,8 +212,11 @@ def assemble_items(
     except BaseException:  # a failed piece, tail or check: nothing appears at the destination
         abort_archive(target)
         raise
-    done = _assembled(target, pieces, record, fetched, tail, small, start)
-    done = replace(done, verified=checked, sha256=check.sha256 if check is not None else None)
+    handed = sum(len(small[r]) for p in pieces for r in p.result.members if r in small)
+    done = Assembled(
+        target, record, fetched, tuple(pieces), tail, handed, checked,
+        check.sha256 if check is not None else None, time.perf_counter() - start,
+    )  # fmt: skip
     run_id = runtime.flow_run.id
     description = f"{done.note(runner)}; {done.funnel()}"
     description += f" (run {runtime.flow_run.name})" if run_id else ""
@@ -231,25 +247,6 @@ def _write_tail(
 
         check = (ck, files) if verify else None
         return write_tail(assembly, target, trailer, produce, checksum=checksum, check=check)
-
-
-def _assembled(
-    target: ArchiveTarget,
-    pieces: list[PieceReport],
-    record: lineage.LineageRecord,
-    fetched: FetchedCheckpoint,
-    tail: Tail,
-    small: dict[str, bytes],
-    start: float,
-) -> Assembled:
-    parts = tuple(part for p in pieces for part in p.result.parts)
-    if tail.part is not None:
-        parts += (tail.part,)
-    in_pieces = sum(len(small[r]) for p in pieces for r in p.result.members if r in small)
-    return Assembled(
-        target, parts, record, fetched, tail.size_bytes, tuple(pieces), tail,
-        tail.written_bytes + in_pieces, None, None, time.perf_counter() - start,
-    )  # fmt: skip
 
 
 def run_assembled(
