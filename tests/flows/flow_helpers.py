@@ -121,3 +121,16 @@ def subflow_id(record: LineageRecord, flow: str = "repartition-items") -> str:
     start = {"repartition-items": "repartitioned as", "assemble-items": "assembled in place"}[flow]
     note = next(n for n in record.notes if n.startswith(start))
     return note.rsplit(", ", 1)[-1].split(")", 1)[0]
+
+
+def converted_pair(s3, dests: list[str]) -> tuple[bytes, bytes, LineageRecord, LineageRecord]:
+    """Two ``s3://`` outputs of the same conversion, their bytes and lineage sidecars, after
+    checking they are the same archive (``lineage.json`` aside) with the same rank files."""
+    a, b = (s3.cat_file(d.removeprefix("s3://")) for d in dests)
+    assert_same_archive(a, b)
+    assert_same_ranks(*dests)
+    ra, rb = (
+        LineageRecord.from_json(s3.cat_file(f"{d}.lineage.json".removeprefix("s3://")))
+        for d in dests
+    )
+    return a, b, ra, rb

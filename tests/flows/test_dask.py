@@ -13,7 +13,7 @@ import time
 
 import pytest
 import torch
-from flow_helpers import assert_same_archive, assert_same_ranks, subflow_id, work_items_table
+from flow_helpers import assert_same_archive, converted_pair, subflow_id, work_items_table
 
 from ckptcore.errors import CkptError
 from ckptcore.lineage import LineageRecord
@@ -53,14 +53,7 @@ def test_dask_local_cluster_output_equals_the_one_process_run(
     t2 = time.perf_counter()
     print(f"one process {t1 - t0:.1f} s, dask (2 workers, with cluster start) {t2 - t1:.1f} s")
 
-    a, b = (s3.cat_file(d.removeprefix("s3://")) for d in dests)
-    assert_same_archive(a, b)
-    assert_same_ranks(*dests)
-
-    ra, rb = (
-        LineageRecord.from_json(s3.cat_file(f"{d}.lineage.json".removeprefix("s3://")))
-        for d in dests
-    )
+    a, b, ra, rb = converted_pair(s3, dests)
     assert rb.source_files == ra.source_files  # the same ETag per file, as listed
     assert rb.source_digest == ra.source_digest
     assert rb.plan_digest == ra.plan_digest

@@ -7,9 +7,8 @@ import asyncio
 import os
 
 import pytest
-from flow_helpers import assert_same_archive, assert_same_ranks, subflow_id, work_items_table
+from flow_helpers import converted_pair, subflow_id, work_items_table
 
-from ckptcore.lineage import LineageRecord
 from flows.convert import convert_vit
 
 
@@ -28,13 +27,7 @@ def test_ray_local_cluster_output_equals_the_one_process_run(
     convert_vit(source=src, destination=dests[0], **layout)
     convert_vit(source=src, destination=dests[1], runner="ray", **layout)
 
-    a, b = (s3.cat_file(d.removeprefix("s3://")) for d in dests)
-    assert_same_archive(a, b)
-    assert_same_ranks(*dests)
-    ra, rb = (
-        LineageRecord.from_json(s3.cat_file(f"{d}.lineage.json".removeprefix("s3://")))
-        for d in dests
-    )
+    a, b, ra, rb = converted_pair(s3, dests)
     assert (rb.source_files, rb.source_digest, rb.plan_digest) == (
         ra.source_files, ra.source_digest, ra.plan_digest,
     )  # fmt: skip
